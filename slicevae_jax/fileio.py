@@ -1,0 +1,89 @@
+"""Atomic file writes: every output lands complete or not at all.
+
+A file is written to a temporary name in the same folder, flushed and fsynced,
+then renamed over the destination (rename is atomic on POSIX filesystems), so an
+interrupted run never leaves a half-written cache, latent file, NIfTI or PNG.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+  """Yields a temporary path beside `path`; renames it onto `path` on success.
+
+  `suffix` lets writers that pick their format from the file name (nibabel,
+  matplotlib) see the right extension.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(
+      dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp"
+  )
+  os.close(fd)
+  if suffix:
+    # Writers such as nibabel choose the format from the final extension.
+    os.replace(tmp, tmp[: -len(".tmp")])
+    tmp = tmp[: -len(".tmp")]
+  try:
+    yield tmp
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def _fsync_file(path: str) -> None:
+  with open(path, "rb") as f:
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: str) -> None:
+  with contextlib.suppress(OSError):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+  """np.savez, atomically. `path` should end in .npz."""
+  with atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  with open(path, "r", encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _json_default(obj: Any) -> Any:
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, np.generic):
+    return obj.item()
+  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
