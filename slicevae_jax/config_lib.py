@@ -197,3 +197,62 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if t.learning_rate <= 0:
     raise ConfigError(f"config key 'train.learning_rate' must be positive, got {t.learning_rate}")
   return config
+
+
+# Released reference settings per resolution (DESIGN §1, §5).
+PAPER = {
+    64: dict(voxel_size=2.8, base_width=16, rank=64, num_steps=74_000, cache_dtype="float32"),
+    128: dict(voxel_size=1.4, base_width=8, rank=128, num_steps=82_000, cache_dtype="float16"),
+    256: dict(voxel_size=0.7, base_width=4, rank=64, num_steps=53_000, cache_dtype="uint8"),
+}
+
+
+def paper_config(grid: int) -> ml_collections.ConfigDict:
+  """The paper's HCP settings at 64³, 128³ or 256³ (coronal slices, 960/40 split)."""
+  p = PAPER[grid]
+  c = base_config()
+  c.name = f"hcp{grid}"
+  c.data.source = "nifti"
+  c.data.grid = grid
+  c.data.voxel_size = p["voxel_size"]
+  c.data.cache_dtype = p["cache_dtype"]
+  c.data.n4 = True
+  c.data.num_val = 40
+  c.model.base_width = p["base_width"]
+  c.train.batch_size = 128
+  c.train.num_steps = p["num_steps"]
+  c.train.learning_rate = 1e-3
+  c.latent.num_volumes = 400
+  c.latent.rank = p["rank"]
+  c.sample.num_volumes = 16
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict, grid: int = 32) -> ml_collections.ConfigDict:
+  """Shrinks a config to seconds on a CPU: tiny grid, model and step count.
+
+  Keeps the data source, so `hcpXX.py:smoke` with --config.data.root checks a
+  user's data pipeline end to end in a minute.
+  """
+  c.name += "_smoke"
+  c.data.voxel_size = c.data.voxel_size * c.data.grid / grid
+  c.data.grid = grid
+  c.data.n4 = False
+  c.data.num_val = 2
+  c.data.num_workers = 1
+  c.data.synth.num_subjects = 8
+  c.model.base_width = 4
+  c.model.max_width = 16
+  c.model.latent_channels = 16
+  c.train.batch_size = 16
+  c.train.num_steps = 4
+  c.train.log_every = 2
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 2
+  c.train.num_val_slices = 16
+  c.train.progress = False
+  c.latent.num_volumes = 6
+  c.latent.rank = 4
+  c.sample.num_volumes = 2
+  c.sample.batch_volumes = 2
+  return c

@@ -1,0 +1,63 @@
+"""Checkpoints: one orbax CheckpointManager wrapper used by every training run.
+
+Orbax writes each step into a temporary folder and renames it when complete,
+so a killed run leaves either a whole checkpoint or none; `latest_step()` only
+sees finished ones. Restores take an abstract target (from `jax.eval_shape`)
+carrying the shardings, so the restored state lands where training needs it.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from slicevae_jax.errors import DataError
+
+
+class Checkpointer:
+  """Saves and restores a state pytree under `<directory>/<step>/`."""
+
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise DataError(f"{self.directory}: no checkpoints (train first)")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any) -> None:
+    """Starts an asynchronous save of `state` at `step` (no-op if it exists)."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    logging.info("checkpoint saved at step %d -> %s", step, self.directory)
+
+  def restore(self, target: Any, step: int | None = None) -> Any:
+    """Restores into the structure, dtypes and shardings of `target` (abstract ok)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise DataError(f"{self.directory}: no finished checkpoint to restore")
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        target)
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(f"{self.directory}/{step}: checkpoint does not match this config's "
+                      f"model ({e})") from e
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,99 @@
+"""Slice batches for training: cache -> shuffled (volume, slice) pairs -> host arrays.
+
+The batch of step k is a pure function of (seed, k): pairs are drawn from a
+stream made of one seeded permutation per epoch, so a resumed run sees exactly
+the batches an uninterrupted one would, with no loader state to checkpoint.
+Each process reads only the rows of the global batch its devices hold, and a
+background thread prepares the next batches while the device trains.
+"""
+
+import concurrent.futures
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from slicevae_jax.data.cache import VolumeCache
+
+
+class SliceSampler:
+  """Maps a step number to the (array row, slice index) pairs of its global batch.
+
+  Args:
+    cache: the volume cache.
+    subjects: subject indices to draw from (e.g. cache.split('train')).
+    batch_size: global batch size.
+    seed: stream seed.
+    shuffle: True: uniform permutation of all pairs per epoch. False: the
+      reference's order, one volume's slices in sequence (volumes permuted per
+      epoch), so a batch is a run of consecutive slices.
+  """
+
+  def __init__(self, cache: VolumeCache, subjects: Sequence[int], batch_size: int,
+               seed: int, shuffle: bool = True):
+    if not len(subjects):
+      raise ValueError(f"{cache.path}: no subjects to draw slices from")
+    self.rows = cache.rows(subjects)
+    self.num_slices = cache.stack_shape[0]
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.shuffle = shuffle
+    self.num_pairs = len(self.rows) * self.num_slices
+    self._lock = threading.Lock()
+    self._epoch_cache: dict[int, np.ndarray] = {}
+
+  def _epoch(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._epoch_cache.get(epoch)
+      if perm is None:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle:
+          perm = rng.permutation(self.num_pairs)
+        else:
+          order = rng.permutation(len(self.rows))
+          perm = (order[:, None] * self.num_slices + np.arange(self.num_slices)).ravel()
+        if len(self._epoch_cache) > 4:
+          self._epoch_cache.pop(min(self._epoch_cache))
+        self._epoch_cache[epoch] = perm
+      return perm
+
+  def pairs(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [B], slice indices [B]) of the global batch at `step`."""
+    start = step * self.batch_size
+    out, need = [], self.batch_size
+    while need:
+      epoch, offset = divmod(start, self.num_pairs)
+      take = self._epoch(epoch)[offset:offset + need]
+      out.append(take)
+      need -= len(take)
+      start += len(take)
+    flat = np.concatenate(out)
+    vol, sl = np.divmod(flat, self.num_slices)
+    return self.rows[vol], sl
+
+  def epoch_of(self, step: int) -> float:
+    return step * self.batch_size / self.num_pairs
+
+
+def load_batch(cache: VolumeCache, sampler: SliceSampler, step: int,
+               local_rows: np.ndarray) -> np.ndarray:
+  """This process's part of the batch at `step`: float32 [b, H, W, 1]."""
+  rows, sl = sampler.pairs(step)
+  return cache.gather(rows[local_rows], sl[local_rows])[..., None]
+
+
+def prefetch(cache: VolumeCache, sampler: SliceSampler, start: int, stop: int,
+             local_rows: np.ndarray, depth: int = 2) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (step, local batch) for steps [start, stop), `depth` batches ahead."""
+  depth = max(int(depth), 1)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=depth,
+                                             thread_name_prefix="slices") as pool:
+    pending: dict[int, concurrent.futures.Future] = {}
+    for step in range(start, min(start + depth, stop)):
+      pending[step] = pool.submit(load_batch, cache, sampler, step, local_rows)
+    for step in range(start, stop):
+      batch = pending.pop(step).result()
+      ahead = step + depth
+      if ahead < stop:
+        pending[ahead] = pool.submit(load_batch, cache, sampler, ahead, local_rows)
+      yield step, batch

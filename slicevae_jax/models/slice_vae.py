@@ -1,0 +1,182 @@
+"""The 2D slice VAE: slices [B, H, W, 1] <-> latents [B, 2, 2, 256] (paper §2.1, §3.1).
+
+A fully convolutional residual VAE with no dense layer. The encoder halves the
+slice with ResDown blocks down to 4x4 and two parallel ResDown heads give the
+posterior mean and log-variance at 2x2; the decoder mirrors it with ResUp
+blocks and ends in a linear 1-channel convolution. Widths follow the released
+reference (DESIGN §1): base width 16 / 8 / 4 at 64² / 128² / 256², doubling per
+stage up to 128, latent 2x2x256 = 1024 at every resolution, about 3.3 M
+parameters.
+
+BatchNorm at inference (`bn_mode`):
+  'running'  running averages, the usual choice;
+  'volume'   statistics of the batch at hand (a volume's stack of slices), as
+             the reference effectively did since it never switched to eval mode.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class ConvBN(nn.Module):
+  """3x3 conv (bias, padding 1) -> BatchNorm -> optional LeakyReLU(0.2)."""
+  features: int
+  strides: int = 1
+  activate: bool = True
+  momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool) -> Array:
+    x = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
+                     epsilon=1e-5, dtype=self.dtype)(x)
+    return nn.leaky_relu(x, 0.2) if self.activate else x
+
+
+class ResDown(nn.Module):
+  """Halves H and W. main: conv(s2) BN LReLU conv BN LReLU; skip: conv(s2) BN LReLU."""
+  features: int
+  activate: bool = True
+  momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool) -> Array:
+    kw = dict(momentum=self.momentum, dtype=self.dtype)
+    c_in = x.shape[-1]
+    h = ConvBN(c_in, strides=2, **kw)(x, use_running_average)
+    h = ConvBN(self.features, activate=self.activate, **kw)(h, use_running_average)
+    skip = ConvBN(self.features, strides=2, activate=self.activate, **kw)(x, use_running_average)
+    return h + skip
+
+
+def _upsample2(x: Array) -> Array:
+  """Nearest-neighbour x2 on [B, H, W, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class ResUp(nn.Module):
+  """Doubles H and W. The convs before the upsampling run at low resolution (cheaper)."""
+  features: int
+  momentum: float = 0.9
+  skip_double_lrelu: bool = False  # reference quirk: LReLU(0.04) twice on the skip
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool) -> Array:
+    bn = lambda: nn.BatchNorm(use_running_average=use_running_average,
+                              momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+    conv = lambda c: nn.Conv(c, (3, 3), padding=1, dtype=self.dtype)
+    c_in = x.shape[-1]
+    h = _upsample2(conv(c_in)(x))
+    h = nn.leaky_relu(bn()(h), 0.2)
+    h = ConvBN(self.features, momentum=self.momentum, dtype=self.dtype)(h, use_running_average)
+    skip = bn()(_upsample2(conv(self.features)(x)))
+    if self.skip_double_lrelu:
+      skip = nn.leaky_relu(nn.leaky_relu(skip, 0.04), 0.04)
+    else:
+      skip = nn.leaky_relu(skip, 0.2)
+    return h + skip
+
+
+def stage_widths(slice_size: int, base_width: int, max_width: int,
+                 latent_size: int) -> list[int]:
+  """Output channels of the encoder's ResDown stages before the heads.
+
+  64² with base 16: [16, 32, 64, 128] (64 -> 4); 128² base 8: [8, ..., 128];
+  256² base 4: [4, ..., 128].
+  """
+  widths, size = [], slice_size
+  while size > 2 * latent_size:
+    widths.append(min(base_width * 2 ** len(widths), max_width))
+    size //= 2
+  return widths
+
+
+class SliceVAE(nn.Module):
+  """Slice VAE for square slices of side `slice_size`.
+
+  Methods:
+    encode(x [B,H,W,1], train) -> (mu, logvar), each [B, 2, 2, 256]
+    decode(z [B,2,2,256], train) -> x_hat [B,H,W,1], linear output
+    __call__(x, key, train) -> (x_hat, mu, logvar), sampling z by reparameterisation
+  `train=True` uses batch statistics and updates the running averages
+  (apply with mutable=['batch_stats']); `train=False` follows `bn_mode`.
+  """
+  slice_size: int
+  base_width: int = 16
+  max_width: int = 128
+  latent_channels: int = 256
+  latent_size: int = 2
+  bn_mode: str = "running"
+  bn_momentum: float = 0.9
+  skip_double_lrelu: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    kw = dict(momentum=self.bn_momentum, dtype=self.dtype)
+    widths = stage_widths(self.slice_size, self.base_width, self.max_width, self.latent_size)
+    self.stem = ConvBN(self.base_width, **kw)
+    self.down = [ResDown(w, **kw) for w in widths]
+    self.mu_head = ResDown(self.latent_channels, activate=False, **kw)
+    self.logvar_head = ResDown(self.latent_channels, activate=False, **kw)
+    # Decoder mirrors the encoder: 256 -> widths reversed, then one more at base width.
+    up_widths = list(reversed(widths)) + [self.base_width]
+    self.up = [ResUp(w, skip_double_lrelu=self.skip_double_lrelu, **kw) for w in up_widths]
+    self.out_block = ConvBN(self.base_width, **kw)
+    self.out_conv = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype)
+
+  def _running(self, train: bool) -> bool:
+    return (not train) and self.bn_mode == "running"
+
+  def encode(self, x: Array, train: bool = False) -> tuple[Array, Array]:
+    ra = self._running(train)
+    h = self.stem(x.astype(self.dtype), ra)
+    for block in self.down:
+      h = block(h, ra)
+    mu = self.mu_head(h, ra).astype(jnp.float32)
+    logvar = self.logvar_head(h, ra).astype(jnp.float32)
+    return mu, logvar
+
+  def decode(self, z: Array, train: bool = False) -> Array:
+    ra = self._running(train)
+    h = z.astype(self.dtype)
+    for block in self.up:
+      h = block(h, ra)
+    h = self.out_block(h, ra)
+    return self.out_conv(h).astype(jnp.float32)
+
+  def __call__(self, x: Array, key: Array, train: bool = True) -> tuple[Array, Array, Array]:
+    mu, logvar = self.encode(x, train)
+    eps = jax.random.normal(key, mu.shape, mu.dtype)
+    z = mu + jnp.exp(0.5 * logvar) * eps
+    return self.decode(z, train), mu, logvar
+
+
+def from_config(config) -> SliceVAE:
+  """Builds the model of `config.model` for slices of `config.data.grid`."""
+  m = config.model
+  return SliceVAE(slice_size=int(config.data.grid), base_width=int(m.base_width),
+                  max_width=int(m.max_width), latent_channels=int(m.latent_channels),
+                  latent_size=int(m.latent_size), bn_mode=m.bn_mode,
+                  bn_momentum=float(m.bn_momentum), skip_double_lrelu=bool(m.skip_double_lrelu),
+                  dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+
+
+def apply_inference(model: SliceVAE, variables, x: Array, method: str) -> Any:
+  """Runs `model.encode` or `model.decode` at inference, honouring `bn_mode`.
+
+  In 'volume' mode BatchNorm normalises with the statistics of `x` itself (the
+  stack at hand); the running averages it would update are discarded.
+  """
+  fn = getattr(SliceVAE, method)
+  if model.bn_mode == "volume":
+    out, _ = model.apply(variables, x, False, method=fn, mutable=["batch_stats"])
+    return out
+  return model.apply(variables, x, False, method=fn)

@@ -1,0 +1,79 @@
+"""Device mesh and shardings: one `data` axis over every device of every host.
+
+Training state is replicated, batches are sharded along their leading axis.
+Each process supplies only the rows of the global batch that its own devices
+hold (`process_rows`), and `global_batch` assembles them into one global
+jax.Array, so the same code runs on 1 CPU, 8 GPUs or a multi-host TPU slice.
+"""
+
+import functools
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from slicevae_jax.errors import ConfigError
+
+DATA = "data"
+
+
+def initialize_distributed(enabled: bool) -> None:
+  """Starts JAX's multi-host runtime (coordinator from the environment)."""
+  if enabled and jax.process_count() == 1:
+    jax.distributed.initialize()
+  logging.info("process %d of %d; %d local / %d global devices (%s)",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh named 'data' over the first `num_devices` devices (default: all)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise ConfigError(f"asked for {num_devices} devices, only {len(devices)} present")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def sharded(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if global_batch % n:
+    raise ConfigError(
+        f"config key 'train.batch_size' is {global_batch}, which does not divide over "
+        f"{n} devices; use a multiple of {n}")
+
+
+@functools.lru_cache(maxsize=32)
+def _process_rows(mesh: Mesh, global_batch: int) -> tuple[int, ...]:
+  index_map = sharded(mesh).addressable_devices_indices_map((global_batch,))
+  rows = set()
+  for index in index_map.values():
+    rows.update(range(*index[0].indices(global_batch)))
+  return tuple(sorted(rows))
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+  """Rows of a global batch held by this process's devices, in order."""
+  return np.asarray(_process_rows(mesh, global_batch), np.int64)
+
+
+def global_batch(local: np.ndarray, mesh: Mesh, global_size: int) -> jax.Array:
+  """Assembles this process's rows `local` [b, ...] into a global sharded array."""
+  shape = (global_size,) + tuple(local.shape[1:])
+  return jax.make_array_from_process_local_data(sharded(mesh), local, shape)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a host pytree on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,136 @@
+"""The stages in order: preprocess -> train -> fit_latent -> sample, each skippable.
+
+`run(config, workdir, mode)` is what `main.py` calls and what a notebook can
+call. With mode 'all', a stage whose output already exists and is current is
+skipped (an unfinished training run resumes from its newest checkpoint).
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from slicevae_jax import checkpoint as ckpt_lib
+from slicevae_jax import config_lib
+from slicevae_jax import fileio
+from slicevae_jax import fit_latent as fit_latent_lib
+from slicevae_jax import inference
+from slicevae_jax import parallel
+from slicevae_jax import sample as sample_lib
+from slicevae_jax import train as train_lib
+from slicevae_jax.data.cache import VolumeCache
+from slicevae_jax.errors import ConfigError, DataError
+
+# Config groups that must not change under an existing checkpoint.
+_FROZEN = ("model", "data.grid", "data.slice_axis")
+
+
+def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.cache_dir or os.path.join(workdir, "cache")
+
+
+def prepare_cache(config: ml_collections.ConfigDict, workdir: str) -> VolumeCache:
+  """Builds the cache once (resuming an interrupted build) or opens the finished one."""
+  path = cache_dir(config, workdir)
+  if VolumeCache.exists(path):
+    cache = VolumeCache(path)
+    _check_cache(config, cache)
+    return cache
+  if jax.process_count() > 1:
+    raise DataError(f"{path}: multi-host runs read a cache built beforehand; run "
+                    f"--mode=preprocess on one host first")
+  if config.data.source == "synthetic":
+    from slicevae_jax.data import synth  # pylint: disable=import-outside-toplevel
+    cache = synth.build_synthetic_cache(config, path)
+  else:
+    from slicevae_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+    if not config.data.root:
+      raise ConfigError("config key 'data.root' is empty: set it to a folder of NIfTI "
+                        "volumes (e.g. --config.data.root=/data/HCP)")
+    cache = preprocess.build_cache(config, path)
+  _check_cache(config, cache)
+  return cache
+
+
+def _check_cache(config, cache: VolumeCache) -> None:
+  g = int(config.data.grid)
+  if cache.grid != (g, g, g) or cache.slice_axis != config.data.slice_axis:
+    raise ConfigError(
+        f"{cache.path}: cache grid {cache.grid} / slice axis {cache.slice_axis} do not match "
+        f"data.grid={g} / data.slice_axis={config.data.slice_axis}; use another "
+        f"data.cache_dir or delete the cache")
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _frozen_diff(old: dict, new: dict) -> list[str]:
+  diffs = []
+  for key in _FROZEN:
+    a, b = old, new
+    for part in key.split("."):
+      a, b = a.get(part), b.get(part)
+    if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+      diffs.append(key)
+  return diffs
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config; refuses a changed model under existing checkpoints."""
+  path = os.path.join(workdir, inference.CONFIG_FILE)
+  has_ckpt = os.path.isdir(os.path.join(workdir, train_lib.CHECKPOINT_DIR))
+  if os.path.exists(path) and has_ckpt:
+    diffs = _frozen_diff(fileio.read_json(path), _flat(config))
+    if diffs:
+      raise ConfigError(f"{workdir} holds checkpoints of a different model "
+                        f"({', '.join(diffs)} changed); use a new --workdir")
+  if jax.process_index() == 0:
+    inference.save_config(config, workdir)
+
+
+def _latest_step(workdir: str) -> int | None:
+  d = os.path.join(workdir, train_lib.CHECKPOINT_DIR)
+  if not os.path.isdir(d):
+    return None
+  ckpt = ckpt_lib.Checkpointer(d, read_only=True)
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> None:
+  """Runs one stage, or every stage that is not done yet (mode 'all')."""
+  if mode not in config_lib.MODES:
+    raise ConfigError(f"unknown mode {mode!r}; choose one of {list(config_lib.MODES)}")
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  record_config(config, workdir)
+  mesh = parallel.make_mesh()
+  everything = mode == "all"
+  cache = prepare_cache(config, workdir)
+  logging.info("cache %s: %d subjects (%d train, %d val), stacks %s", cache.path, len(cache),
+               len(cache.split("train")), len(cache.split("val")), cache.stack_shape)
+  if mode == "preprocess":
+    return
+  if mode == "train" or everything:
+    step = _latest_step(workdir)
+    if everything and step is not None and step >= config.train.num_steps:
+      logging.info("train: done (checkpoint at step %d), skipped", step)
+    else:
+      train_lib.train(config, workdir, cache, mesh)
+  step = _latest_step(workdir)
+  if mode == "fit_latent" or everything:
+    if step is None:
+      raise DataError(f"{workdir}: no checkpoint; run --mode=train first")
+    if everything and fit_latent_lib.is_current(workdir, step):
+      logging.info("fit_latent: current for step %d, skipped", step)
+    else:
+      fit_latent_lib.fit_latent(config, workdir, cache, mesh)
+  if mode == "sample" or everything:
+    if everything and sample_lib.is_current(workdir, config, step):
+      logging.info("sample: current for step %d, skipped", step)
+    else:
+      sample_lib.write_samples(config, workdir, mesh)

@@ -1,0 +1,58 @@
+"""Sampling stage: latent Gaussian -> decoded volumes -> NIfTI files and PNG pictures.
+
+Writes `<workdir>/samples/sample_XXXX.nii.gz` (RAS, the cache's grid affine and
+voxel size) and `sample_XXXX.png` (three orthogonal mid-slices), then
+`samples.json` last: its presence means the set is complete.
+"""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from slicevae_jax import fileio
+from slicevae_jax import inference
+from slicevae_jax import viz
+from slicevae_jax.data import nifti
+
+SAMPLES_DIR = "samples"
+INDEX = "samples.json"
+
+
+def is_current(workdir: str, config: ml_collections.ConfigDict, step: int) -> bool:
+  path = os.path.join(workdir, SAMPLES_DIR, INDEX)
+  if not os.path.exists(path):
+    return False
+  index = fileio.read_json(path)
+  return (index.get("checkpoint_step") == step
+          and index.get("num_volumes") == int(config.sample.num_volumes)
+          and index.get("seed") == int(config.sample.seed))
+
+
+def write_samples(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[str]:
+  """Samples `sample.num_volumes` volumes and writes them; returns the NIfTI paths."""
+  bundle = inference.load_for_inference(workdir, mesh=mesh)
+  out_dir = os.path.join(workdir, SAMPLES_DIR)
+  key = jax.random.key(int(config.sample.seed))
+  num, batch = int(config.sample.num_volumes), int(config.sample.batch_volumes)
+  paths = []
+  for start in range(0, num, batch):
+    vols = inference.sample_volumes(bundle, key, min(batch, num - start), start=start)
+    if jax.process_index() != 0:
+      continue
+    for j, vol in enumerate(vols):
+      name = f"sample_{start + j:04d}"
+      path = os.path.join(out_dir, name + ".nii.gz")
+      nifti.save_volume(path, vol, bundle.affine)
+      if config.sample.png:
+        viz.save_png(os.path.join(out_dir, name + ".png"), viz.three_planes(vol))
+      paths.append(path)
+  if jax.process_index() == 0:
+    fileio.write_json(os.path.join(out_dir, INDEX), {
+        "checkpoint_step": bundle.step, "num_volumes": num, "seed": int(config.sample.seed),
+        "files": [os.path.basename(p) for p in paths],
+        "affine": bundle.affine.tolist(), "slice_axis": bundle.slice_axis})
+  logging.info("wrote %d samples to %s", len(paths), out_dir)
+  return paths

@@ -1,0 +1,59 @@
+"""Shared test fixtures: tiny synthetic volumes and caches."""
+
+import numpy as np
+
+from slicevae_jax import config_lib
+from slicevae_jax.data.cache import CacheWriter, VolumeCache
+
+
+def blob_volume(grid: int, rng: np.random.Generator) -> np.ndarray:
+  """An ellipsoid 'brain' with an inner 'ventricle', in [0, 1], [grid]*3."""
+  c = (np.arange(grid) - grid / 2 + 0.5) / (grid / 2)
+  x, y, z = np.meshgrid(c, c, c, indexing="ij")
+  a = rng.uniform(0.6, 0.85, 3)
+  outer = (x / a[0]) ** 2 + (y / a[1]) ** 2 + (z / a[2]) ** 2
+  inner = (x / (0.3 * a[0])) ** 2 + (y / (0.4 * a[1])) ** 2 + (z / (0.3 * a[2])) ** 2
+  v = np.where(outer < 1, 0.7 + 0.2 * np.cos(4 * x + rng.uniform(0, 3)), 0.0)
+  v = np.where(inner < 1, 0.2, v)
+  return np.clip(v + rng.normal(0, 0.01, v.shape) * (outer < 1), 0, 1).astype(np.float32)
+
+
+def make_cache(path: str, num: int = 6, grid: int = 16, num_val: int = 2, seed: int = 0,
+               slice_axis: int = 1, dtype: str = "float32", labels: bool = True) -> VolumeCache:
+  rng = np.random.default_rng(seed)
+  entries = [{"id": f"s{i:02d}", "split": "val" if i >= num - num_val else "train"}
+             for i in range(num)]
+  w = CacheWriter(path, entries, (grid,) * 3, slice_axis, dtype, labels)
+  affine = np.diag([2.0, 2.0, 2.0, 1.0])
+  affine[:3, 3] = -grid
+  for i in range(num):
+    v = blob_volume(grid, rng)
+    lab = (v > 0.5).astype(np.uint8) + (v > 0).astype(np.uint8) if labels else None
+    w.write(i, v, affine, lab)
+  return w.finalize({"label_names": ["bg", "dark", "bright"] if labels else None})
+
+
+def tiny_config(grid: int = 16, **train):
+  """A slice VAE config small enough to train in seconds on the CPU."""
+  c = config_lib.base_config()
+  c.data.grid = grid
+  c.data.voxel_size = 2.0
+  c.data.num_val = 2
+  c.model.base_width = 4
+  c.model.max_width = 8
+  c.model.latent_channels = 8
+  c.model.latent_size = 2
+  c.train.batch_size = 16
+  c.train.num_steps = 3
+  c.train.log_every = 1
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 100
+  c.train.num_val_slices = 16
+  c.train.progress = False
+  c.latent.num_volumes = 4
+  c.latent.rank = 4
+  c.sample.num_volumes = 2
+  c.sample.batch_volumes = 2
+  for k, v in train.items():
+    c.train[k] = v
+  return config_lib.validate(c)
