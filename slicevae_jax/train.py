@@ -110,7 +110,7 @@ def make_train_step(model: slice_vae.SliceVAE, tx: optax.GradientTransformation,
     new = new.replace(params=jax.tree.map(keep, new.params, state.params),
                       batch_stats=jax.tree.map(keep, new.batch_stats, state.batch_stats),
                       opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    finite=finite.astype(jnp.float32))
     return new, metrics
 

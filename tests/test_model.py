@@ -1,0 +1,78 @@
+"""Slice VAE shapes and sizes at every resolution (DESIGN §1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slicevae_jax import config_lib, losses
+from slicevae_jax.models import slice_vae
+
+
+def _abstract(model, size, batch=2):
+  x = jnp.zeros((batch, size, size, 1))
+  variables = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)}, x, jax.random.key(1), train=False))
+  out = jax.eval_shape(
+      lambda v: model.apply(v, x, jax.random.key(1), train=True, mutable=["batch_stats"]),
+      variables)
+  return variables, out
+
+
+@pytest.mark.parametrize("grid", [64, 128, 256])
+def test_paper_model_shapes_and_size(grid):
+  config = config_lib.paper_config(grid)
+  model = slice_vae.from_config(config)
+  variables, ((x_hat, mu, logvar), _) = _abstract(model, grid)
+  assert x_hat.shape == (2, grid, grid, 1)
+  assert mu.shape == logvar.shape == (2, 2, 2, 256)      # 1024 latents per slice
+  n = sum(np.prod(a.shape) for a in jax.tree.leaves(variables["params"]))
+  assert 3.2e6 < n < 3.4e6                                  # ≈3.3 M at every resolution
+  # No dense layer anywhere: every kernel is a 3x3 convolution.
+  kernels = [a.shape for p, a in jax.tree_util.tree_leaves_with_path(variables["params"])
+             if "kernel" in jax.tree_util.keystr(p)]
+  assert all(k[:2] == (3, 3) for k in kernels)
+
+
+@pytest.mark.parametrize("grid,expected", [(64, [16, 32, 64, 128]),
+                                           (128, [8, 16, 32, 64, 128]),
+                                           (256, [4, 8, 16, 32, 64, 128])])
+def test_stage_widths_follow_reference(grid, expected):
+  base = config_lib.PAPER[grid]["base_width"]
+  assert slice_vae.stage_widths(grid, base, 128, 2) == expected
+
+
+def test_encode_decode_roundtrip_shapes_and_bn_modes():
+  x = jax.random.uniform(jax.random.key(0), (6, 16, 16, 1))
+  for bn_mode in ("running", "volume"):
+    model = slice_vae.SliceVAE(slice_size=16, base_width=4, max_width=8, latent_channels=8,
+                               bn_mode=bn_mode)
+    v = model.init({"params": jax.random.key(0)}, x, jax.random.key(1), train=False)
+    mu, logvar = slice_vae.apply_inference(model, v, x, "encode")
+    assert mu.shape == (6, 2, 2, 8)
+    y = slice_vae.apply_inference(model, v, mu, "decode")
+    assert y.shape == x.shape
+  # 'volume' mode normalises with the stack's own statistics: a slice's
+  # encoding depends on its companions; 'running' mode does not.
+  model = slice_vae.SliceVAE(slice_size=16, base_width=4, max_width=8, latent_channels=8,
+                             bn_mode="volume")
+  a = slice_vae.apply_inference(model, v, x, "encode")[0][:3]
+  b = slice_vae.apply_inference(model, v, x[:3], "encode")[0]
+  assert not np.allclose(a, b, atol=1e-5)
+  model = model.clone(bn_mode="running")
+  a = slice_vae.apply_inference(model, v, x, "encode")[0][:3]
+  b = slice_vae.apply_inference(model, v, x[:3], "encode")[0]
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_loss_matches_formula():
+  k = jax.random.split(jax.random.key(0), 4)
+  x, xh = jax.random.uniform(k[0], (3, 8, 8, 1)), jax.random.uniform(k[1], (3, 8, 8, 1))
+  mu, lv = jax.random.normal(k[2], (3, 2, 2, 4)), jax.random.normal(k[3], (3, 2, 2, 4))
+  loss, m = losses.vae_loss(xh, x, mu, lv, kl_weight=0.2)
+  x, xh, mu, lv = map(np.asarray, (x, xh, mu, lv))
+  rec = ((xh - x) ** 2).sum(axis=(1, 2, 3))
+  kl = (-0.5 * (1 + lv - mu ** 2 - np.exp(lv))).sum(axis=(1, 2, 3))
+  np.testing.assert_allclose(loss, np.mean(rec + 0.2 * kl), rtol=1e-5)
+  np.testing.assert_allclose(m["kl"], kl.mean(), rtol=1e-5)
+  assert float(losses.gaussian_kl(jnp.zeros((1, 4)), jnp.zeros((1, 4)))[0]) == 0.0
