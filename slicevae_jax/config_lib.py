@@ -103,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
   # --- distributed ----------------------------------------------------------
   c.dist = ds = ml_collections.ConfigDict()
   ds.initialize = False        # call jax.distributed.initialize() (multi-host)
+  # Left empty / -1, JAX detects them on Cloud TPU, SLURM and Open MPI.
+  ds.coordinator_address = ""  # host:port of process 0
+  ds.num_processes = -1
+  ds.process_id = -1
+  ds.cpu_collectives = "gloo"  # cross-process collectives for CPU-only runs (tests, debugging)
   return c
 
 

@@ -32,7 +32,7 @@ def main(argv):
   config = FLAGS.config
   try:
     config_lib.validate(config)
-    parallel.initialize_distributed(config.dist.initialize)
+    parallel.initialize_distributed(config.dist)
     logging.info("JAX %s, %d devices: %s", jax.__version__, jax.device_count(),
                  jax.devices()[0].device_kind)
     pipeline.run(config, FLAGS.workdir, FLAGS.mode)

@@ -18,10 +18,23 @@ from slicevae_jax.errors import ConfigError
 DATA = "data"
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """Starts JAX's multi-host runtime (coordinator from the environment)."""
-  if enabled and jax.process_count() == 1:
-    jax.distributed.initialize()
+def initialize_distributed(dist) -> None:
+  """Starts JAX's multi-host runtime when `dist.initialize` (config group `dist`).
+
+  Empty coordinator / -1 counts let JAX detect them (Cloud TPU, SLURM, Open MPI);
+  the local launcher (launch/local.sh) passes them explicitly.
+  """
+  if dist.initialize:
+    kwargs = {}
+    if dist.coordinator_address:
+      kwargs["coordinator_address"] = dist.coordinator_address
+    if dist.num_processes > 0:
+      kwargs["num_processes"] = int(dist.num_processes)
+    if dist.process_id >= 0:
+      kwargs["process_id"] = int(dist.process_id)
+    if dist.cpu_collectives:  # only the CPU backend reads it
+      jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+    jax.distributed.initialize(**kwargs)
   logging.info("process %d of %d; %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
