@@ -57,3 +57,22 @@ def tiny_config(grid: int = 16, **train):
   for k, v in train.items():
     c.train[k] = v
   return config_lib.validate(c)
+
+
+def identifiable_params(params) -> dict[str, np.ndarray]:
+  """Parameters by path, without the biases of convolutions that feed a BatchNorm.
+
+  BatchNorm subtracts the batch mean, so those biases get an exactly-zero true
+  gradient; the computed one is rounding noise, which Adam's normalisation
+  turns into ±lr steps of arbitrary sign. They differ between any two
+  numerically different but equivalent runs (device counts, process counts)
+  and carry no information, so invariance tests compare everything else.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  out = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if "bias" in name and "Conv" in name and "out_conv" not in name:
+      continue
+    out[name] = np.asarray(value)
+  return out

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import make_cache, tiny_config
+from helpers import identifiable_params, make_cache, tiny_config
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import parallel, train
 from slicevae_jax.data import slices as slices_lib
@@ -30,12 +30,15 @@ def _params(state):
 def test_one_and_eight_devices_give_the_same_loss(cache, tmp_path):
   assert jax.device_count() == 8
   cfg = tiny_config(num_steps=3)
-  train.train(cfg, str(tmp_path / "d8"), cache, mesh=parallel.make_mesh(8))
-  train.train(cfg, str(tmp_path / "d1"), cache, mesh=parallel.make_mesh(1))
+  s8 = train.train(cfg, str(tmp_path / "d8"), cache, mesh=parallel.make_mesh(8))
+  s1 = train.train(cfg, str(tmp_path / "d1"), cache, mesh=parallel.make_mesh(1))
   l8, l1 = _losses(str(tmp_path / "d8")), _losses(str(tmp_path / "d1"))
   assert sorted(l8) == [1, 2, 3]
   for step in l8:
     np.testing.assert_allclose(l8[step], l1[step], rtol=1e-4)
+  p8, p1 = identifiable_params(s8.params), identifiable_params(s1.params)
+  for k in p8:
+    np.testing.assert_allclose(p8[k], p1[k], rtol=1e-4, atol=2e-5, err_msg=k)
 
 
 def test_resume_equals_uninterrupted(cache, tmp_path):
