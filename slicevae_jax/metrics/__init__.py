@@ -1,0 +1,1 @@
+"""Metrics for generated volumes: MMD, MS-SSIM, registration and the Realistic Atlas Score."""
