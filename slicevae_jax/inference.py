@@ -176,8 +176,13 @@ def sample_latents(bundle: InferenceBundle, key: jax.Array, num: int,
   """Latent stacks [num, S, L] for volumes start..start+num-1 of `key`."""
   if bundle.gaussian is None:
     raise DataError("this bundle has no latent Gaussian; run --mode=fit_latent first")
-  keys = [jax.random.fold_in(key, i) for i in range(start, start + num)]
-  return np.concatenate([np.asarray(lg.sample(bundle.gaussian, k, 1)) for k in keys])
+  return np.asarray(_sample_latents(bundle.gaussian, key, jnp.arange(start, start + num)))
+
+
+@jax.jit
+def _sample_latents(g: lg.LatentGaussian, key: jax.Array, indices: jax.Array) -> jax.Array:
+  one = lambda i: lg.sample(g, jax.random.fold_in(key, i), 1)[0]
+  return jax.vmap(one)(indices)
 
 
 def sample_volumes(bundle: InferenceBundle, key: jax.Array, num: int = 1, start: int = 0,

@@ -9,7 +9,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from slicevae_jax import fileio

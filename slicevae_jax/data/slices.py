@@ -9,7 +9,7 @@ background thread prepares the next batches while the device trains.
 
 import concurrent.futures
 import threading
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -82,18 +82,18 @@ def load_batch(cache: VolumeCache, sampler: SliceSampler, step: int,
   return cache.gather(rows[local_rows], sl[local_rows])[..., None]
 
 
-def prefetch(cache: VolumeCache, sampler: SliceSampler, start: int, stop: int,
-             local_rows: np.ndarray, depth: int = 2) -> Iterator[tuple[int, np.ndarray]]:
-  """Yields (step, local batch) for steps [start, stop), `depth` batches ahead."""
+def prefetch(load: Callable[[int], Any], start: int, stop: int,
+             depth: int = 2) -> Iterator[tuple[int, Any]]:
+  """Yields (step, load(step)) for steps [start, stop), loading `depth` steps ahead."""
   depth = max(int(depth), 1)
   with concurrent.futures.ThreadPoolExecutor(max_workers=depth,
-                                             thread_name_prefix="slices") as pool:
+                                             thread_name_prefix="batches") as pool:
     pending: dict[int, concurrent.futures.Future] = {}
     for step in range(start, min(start + depth, stop)):
-      pending[step] = pool.submit(load_batch, cache, sampler, step, local_rows)
+      pending[step] = pool.submit(load, step)
     for step in range(start, stop):
       batch = pending.pop(step).result()
       ahead = step + depth
       if ahead < stop:
-        pending[ahead] = pool.submit(load_batch, cache, sampler, ahead, local_rows)
+        pending[ahead] = pool.submit(load, ahead)
       yield step, batch
