@@ -100,6 +100,19 @@ def base_config() -> ml_collections.ConfigDict:
   sp.seed = 1
   sp.png = True
 
+  # --- segmenter for the Realistic Atlas Score (paper §3.3) ----------------
+  c.segmenter = sg = ml_collections.ConfigDict()
+  sg.widths = (16, 32, 64, 128)
+  sg.batch_size = 16
+  sg.learning_rate = 1e-3
+  sg.num_steps = 20_000
+  sg.log_every = 100
+  sg.eval_every = 2_000
+  sg.checkpoint_every = 2_000
+  sg.keep_checkpoints = 2
+  sg.num_eval_volumes = 8      # held-out volumes for the per-label validation Dice
+  sg.progress = True
+
   # --- distributed ----------------------------------------------------------
   c.dist = ds = ml_collections.ConfigDict()
   ds.initialize = False        # call jax.distributed.initialize() (multi-host)

@@ -267,6 +267,16 @@ class VolumeCache:
     out[order] = self.images[rows[order], slices[order]]
     return _decode(out)
 
+  def gather_labels(self, rows: np.ndarray, slices: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W] label slices at (array row, slice index) pairs."""
+    if self.labels is None:
+      raise DataError(f"{self.path}: this cache has no labels")
+    rows, slices = np.asarray(rows), np.asarray(slices)
+    order = np.lexsort((slices, rows))
+    out = np.empty((len(rows),) + self.labels.shape[2:], np.uint8)
+    out[order] = self.labels[rows[order], slices[order]]
+    return out
+
   def affine(self, i: int) -> np.ndarray:
     return np.asarray(self.subjects[i]["affine"], np.float64)
 

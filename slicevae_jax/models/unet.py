@@ -1,0 +1,49 @@
+"""2D U-Net segmenter for the Realistic Atlas Score: slices [B,H,W,1] -> logits [B,H,W,K].
+
+Paper §3.3: a U-Net (Ronneberger et al.) trained on coronal slices of real
+volumes with a Dice loss. Four resolution levels, two 3x3 conv + BatchNorm +
+ReLU per level, max-pooling down, nearest x2 + conv up, skip concatenation.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class DoubleConv(nn.Module):
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    for _ in range(2):
+      x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      x = nn.relu(x)
+    return x
+
+
+class UNet(nn.Module):
+  """U-Net with `len(widths)` levels; H and W must divide by 2**(levels-1)."""
+  num_classes: int
+  widths: Sequence[int] = (16, 32, 64, 128)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    skips = []
+    h = x.astype(self.dtype)
+    for i, w in enumerate(self.widths):
+      h = DoubleConv(w, self.dtype)(h, train)
+      if i < len(self.widths) - 1:
+        skips.append(h)
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    for w, skip in zip(reversed(self.widths[:-1]), reversed(skips)):
+      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      h = nn.Conv(w, (3, 3), padding=1, dtype=self.dtype)(h)
+      h = DoubleConv(w, self.dtype)(jnp.concatenate([h, skip], axis=-1), train)
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(h).astype(jnp.float32)
