@@ -1,0 +1,565 @@
+"""Real data -> cache: NIfTI folders -> (N4, percentile scaling, one resampling) -> VolumeCache.
+
+This is the first stage of the pipeline for `data.source='nifti'` (DESIGN §5, the
+HCP recipe): `find_subjects` lists the volumes, `preprocess_volume` turns one
+volume into a grid³ RAS array in [0, 1] with its grid affine, and `build_cache`
+runs it over every subject in worker processes and fills a `CacheWriter` that
+training, latent fitting and evaluation read.
+
+Workers are started with 'spawn' and this module does not import JAX, so no
+process that has initialised JAX is ever forked. As with any 'spawn' pool, a
+script that calls `build_cache` with `data.num_workers > 1` must do so under
+`if __name__ == "__main__":` (main.py does; notebooks need nothing), because each
+worker re-imports the main script.
+"""
+
+import concurrent.futures as futures
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+import tqdm
+from absl import logging
+
+from slicevae_jax.data import nifti
+from slicevae_jax.data.cache import CacheWriter, VolumeCache
+from slicevae_jax.data.intensity import normalize_percentiles
+from slicevae_jax.errors import ConfigError, DataError
+
+# Bumped when the pipeline changes what it writes: part of the cache plan hash,
+# so a partial cache made by older code is rebuilt, not resumed.
+PREPROCESS_VERSION = 1
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# --------------------------------------------------------------------------
+# Label grouping
+# --------------------------------------------------------------------------
+
+FREESURFER15_NAMES = (
+    "background", "cerebellum_gm", "cerebellum_wm", "cerebral_gm", "cerebral_wm",
+    "thalamus", "hippocampus", "amygdala", "ventricles", "caudate", "putamen",
+    "pallidum", "ventral_dc", "csf", "brainstem",
+)
+
+# (class index, FreeSurfer codes); ranges are inclusive. See group_freesurfer_labels.
+_FS15_TABLE: tuple[tuple[int, tuple[int | tuple[int, int], ...]], ...] = (
+    (1, (8, 47)),                                        # cerebellum cortex
+    (2, (7, 46)),                                        # cerebellum white matter
+    (3, (3, 42, (1000, 1035), (2000, 2035),              # cerebral cortex, aparc
+         (1100, 1199), (2100, 2199),                     # aparc.a2005s
+         (11100, 11199), (12100, 12199))),               # aparc.a2009s
+    (4, (2, 41, 77, 78, 79, 85, (155, 162), (251, 255),  # WM, hypointensities, chiasm,
+         (3000, 3035), (4000, 4035), 5001, 5002)),       # int. capsule, CC, wmparc
+    (5, (9, 10, 48, 49)),                                # thalamus (old and new codes)
+    (6, (17, 53)),                                       # hippocampus
+    (7, (18, 54)),                                       # amygdala
+    (8, (4, 5, 14, 15, 43, 44, 31, 63, 72)),             # ventricles + choroid plexus
+    (9, (11, 50, 26, 58)),                               # caudate + accumbens
+    (10, (12, 51)),                                      # putamen
+    (11, (13, 52)),                                      # pallidum
+    (12, (28, 60)),                                      # ventral DC
+    (13, (24,)),                                         # CSF
+    (14, (16,)),                                         # brainstem
+)
+
+
+def _fs15_class(code: int) -> int:
+  for cls, codes in _FS15_TABLE:
+    for c in codes:
+      if (isinstance(c, tuple) and c[0] <= code <= c[1]) or code == c:
+        return cls
+  return 0
+
+
+def group_freesurfer_labels(aseg: np.ndarray) -> np.ndarray:
+  """Groups FreeSurfer aseg / aparc+aseg codes into the 15 classes of FREESURFER15_NAMES.
+
+  ==  ==============  =======================================================
+  0   background      every code not listed below (incl. vessels 30/62,
+                      non-WM hypointensities 80, optic nerve, unknown)
+  1   cerebellum_gm   8, 47
+  2   cerebellum_wm   7, 46
+  3   cerebral_gm     3, 42; cortical parcels 1000–1035, 2000–2035 (aparc),
+                      1100–1199, 2100–2199 (a2005s), 11100–11199, 12100–12199
+                      (a2009s)
+  4   cerebral_wm     2, 41; WM hypointensities 77, 78, 79; optic chiasm 85;
+                      internal capsule / (un)myelinated WM 155–162; corpus
+                      callosum 251–255; wmparc 3000–3035, 4000–4035, 5001, 5002
+  5   thalamus        9, 10, 48, 49
+  6   hippocampus     17, 53
+  7   amygdala        18, 54
+  8   ventricles      lateral 4, 43; inferior lateral 5, 44; 3rd 14; 4th 15;
+                      5th 72; choroid plexus 31, 63 (it lies inside the
+                      ventricles and is too small to be a class of its own)
+  9   caudate         11, 50 and accumbens 26, 58 (accumbens is a few voxels at
+                      64³ and continuous with the caudate head, as in the paper's
+                      15-class list which has no accumbens class)
+  10  putamen         12, 51
+  11  pallidum        13, 52
+  12  ventral_dc      28, 60
+  13  csf             24
+  14  brainstem       16
+  ==  ==============  =======================================================
+
+  Args:
+    aseg: integer codes, any shape.
+  Returns:
+    uint8 array of the same shape with values in [0, 14].
+  """
+  aseg = np.asarray(aseg)
+  # Look up each distinct code once: a volume has ~100 distinct codes, ~10⁷ voxels.
+  codes, inverse = np.unique(aseg, return_inverse=True)
+  lut = np.array([_fs15_class(int(c)) for c in codes], np.uint8)
+  return lut[inverse].reshape(aseg.shape)
+
+
+def map_labels(labels: np.ndarray, label_map: str, path: str = "") -> np.ndarray:
+  """Applies `data.label_map` to raw integer labels; returns uint8 [X, Y, Z]."""
+  if label_map == "freesurfer15":
+    return group_freesurfer_labels(labels)
+  if label_map == "none":
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+      raise DataError(f"{path}: label values span [{labels.min()}, {labels.max()}], which "
+                      f"does not fit uint8; use data.label_map='freesurfer15' for FreeSurfer "
+                      f"codes or relabel to 0..255")
+    return labels.astype(np.uint8)
+  raise ConfigError(f"config key 'data.label_map' is {label_map!r}; choose 'none' or "
+                    f"'freesurfer15'")
+
+
+# --------------------------------------------------------------------------
+# One volume
+# --------------------------------------------------------------------------
+
+
+def n4_correct(data: np.ndarray, affine: np.ndarray, *, mask: np.ndarray | None = None,
+               shrink: int = 4,
+               iterations: Sequence[int] = (50, 50, 30, 20)) -> np.ndarray:
+  """N4 bias-field correction (SimpleITK), fitted on a shrunk copy for speed.
+
+  Args:
+    data: [X, Y, Z] intensities (negative values are treated as 0).
+    affine: its 4x4 affine; the voxel sizes set the B-spline's physical spacing.
+    mask: voxels to fit on; default the non-zero voxels (skull-stripped input),
+      or an Otsu foreground when the volume has no zeros.
+    shrink: the field is fitted on every `shrink`-th voxel per axis, then
+      evaluated at full resolution.
+    iterations: maximum iterations per fitting level (its length = levels).
+  Returns:
+    float32 [X, Y, Z]: data / bias field; zeros stay zero.
+  """
+  # Imported here: SimpleITK is only needed with data.n4=True.
+  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
+
+  data = np.maximum(np.asarray(data, np.float32), 0.0)
+  # numpy [X, Y, Z] is ITK's [z, y, x] array order, so transpose in and out.
+  img = sitk.GetImageFromArray(np.ascontiguousarray(data.T))
+  img.SetSpacing(tuple(float(s) for s in nifti.voxel_sizes(affine)))
+  if mask is None:
+    mask = data > 0
+  if mask.all() or not mask.any():
+    mask_img = sitk.OtsuThreshold(img, 0, 1, 200)
+  else:
+    mask_img = sitk.GetImageFromArray(np.ascontiguousarray(mask.T.astype(np.uint8)))
+    mask_img.CopyInformation(img)
+  # Keep a few voxels per axis after shrinking, or the B-spline fit has no support.
+  shrink = int(max(1, min(shrink, min(data.shape) // 8)))
+  small, small_mask = img, mask_img
+  if shrink > 1:
+    small = sitk.Shrink(img, [shrink] * 3)
+    small_mask = sitk.Shrink(mask_img, [shrink] * 3)
+  corrector = sitk.N4BiasFieldCorrectionImageFilter()
+  corrector.SetMaximumNumberOfIterations([int(i) for i in iterations])
+  corrector.Execute(small, small_mask)
+  log_bias = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(img)).T
+  return (data / np.exp(log_bias)).astype(np.float32)
+
+
+def _nonzero_box(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """First and last index of non-zero voxels per axis, int [3] each."""
+  lo, hi = [], []
+  for axis in range(3):
+    other = tuple(a for a in range(3) if a != axis)
+    idx = np.flatnonzero(np.any(data != 0, axis=other))
+    lo.append(idx[0])
+    hi.append(idx[-1])
+  return np.asarray(lo), np.asarray(hi)
+
+
+def grid_transform(data: np.ndarray, affine: np.ndarray, grid: int,
+                   voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+  """Where the grid³ output sits in the input: (scale f [3], offset [3]).
+
+  Output voxel o samples input voxel index f * o + offset. The grid is centred
+  on the bounding box of non-zero voxels (zero-filled planes are dropped, as in
+  the HCP recipe), axes aligned with the input's.
+  """
+  if not np.any(data):
+    raise DataError("volume is all zeros (nothing to centre the grid on)")
+  f = float(voxel_size) / nifti.voxel_sizes(affine)
+  lo, hi = _nonzero_box(data)
+  centre = (lo + hi) / 2.0
+  # Rounded to whole input voxels, so an axis at unchanged spacing is copied
+  # without interpolation; the grid centre moves by at most half an input voxel.
+  offset = np.round(centre - f * (grid - 1) / 2.0)
+  return f, offset
+
+
+def preprocess_volume(data: np.ndarray, affine: np.ndarray, *, grid: int, voxel_size: float,
+                      n4: bool = False, percentiles: Sequence[float] = (1.0, 99.0),
+                      foreground_percentiles: bool = True, antialias: bool = True,
+                      labels: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+  """One subject: N4 -> percentile scaling -> one crop/pad + resampling to grid³.
+
+  Args:
+    data: [X, Y, Z] intensities, RAS-canonical (as `nifti.load_volume` gives).
+    affine: its 4x4 voxel -> world (mm) affine.
+    grid: output size per axis.
+    voxel_size: output spacing in mm, isotropic.
+    n4: N4 bias-field correction before scaling.
+    percentiles: (low, high) mapped to 0 and 1 (`normalize_percentiles`).
+    foreground_percentiles: percentiles over non-zero voxels only.
+    antialias: Gaussian pre-filter along axes that are downsampled, sigma =
+      sqrt(f² - 1) / 2 input voxels with f = output / input spacing.
+    labels: optional [X, Y, Z] integer labels in 0..255 on the same grid as
+      `data` (already grouped); resampled by nearest neighbour, never filtered.
+  Returns:
+    image float32 [grid, grid, grid] in [0, 1] (zero outside the input),
+    labels uint8 [grid, grid, grid] or None,
+    grid_affine float64 [4, 4]: output voxel -> the same world mm as `affine`
+    (so the output overlays the input in a viewer); its voxel size is `voxel_size`.
+  """
+  data = np.asarray(data, np.float32)
+  affine = np.asarray(affine, np.float64)
+  if data.ndim != 3:
+    raise DataError(f"expected a 3D volume, got shape {data.shape}")
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != data.shape:
+      raise DataError(f"label map shape {labels.shape} != image shape {data.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+      raise DataError(f"label values span [{labels.min()}, {labels.max()}]; expected 0..255")
+  f, offset = grid_transform(data, affine, grid, voxel_size)
+  image = data
+  if n4:
+    image = n4_correct(image, affine)
+  image = normalize_percentiles(image, tuple(percentiles), foreground=foreground_percentiles)
+
+  sigma = np.sqrt(np.maximum(f ** 2 - 1.0, 0.0)) / 2.0 if antialias else np.zeros(3)
+  # Only the part of the input the grid (plus the filter's reach) touches is
+  # filtered and sampled; for a 0.7 mm HCP volume at 64³ that is most of it, for
+  # a small field of view much less.
+  reach = np.ceil(4.0 * sigma) + 2
+  start = np.maximum(offset - reach, 0).astype(int)
+  stop = np.minimum(offset + f * (grid - 1) + reach + 1, data.shape).astype(int)
+  if np.any(stop <= start):
+    raise DataError("the output grid does not overlap the volume")  # cannot happen: centred
+  crop = tuple(slice(a, b) for a, b in zip(start, stop))
+  image = image[crop]
+  local_offset = offset - start
+  if np.any(sigma > 0):
+    # mode='constant': zero outside the input, like the resampling below.
+    image = ndi.gaussian_filter(image, sigma, mode="constant", cval=0.0)
+  out_shape = (grid,) * 3
+  image = ndi.affine_transform(image, f, offset=local_offset, output_shape=out_shape,
+                               order=1, mode="constant", cval=0.0, prefilter=False)
+  image = np.clip(image, 0.0, 1.0).astype(np.float32)
+  out_labels = None
+  if labels is not None:
+    out_labels = ndi.affine_transform(labels[crop].astype(np.uint8), f, offset=local_offset,
+                                      output_shape=out_shape, order=0, mode="constant",
+                                      cval=0, prefilter=False).astype(np.uint8)
+  # Output index o -> input index f * o + offset -> world through `affine`.
+  to_input = np.eye(4)
+  to_input[:3, :3] = np.diag(f)
+  to_input[:3, 3] = offset
+  return image, out_labels, affine @ to_input
+
+
+# --------------------------------------------------------------------------
+# Subjects
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  """One volume to preprocess: id (unique), image path, labels path or None."""
+  id: str
+  image: str
+  labels: str | None = None
+
+
+def _strip_nifti(name: str) -> str | None:
+  low = name.lower()
+  for suffix in NIFTI_SUFFIXES:
+    if low.endswith(suffix) and len(name) > len(suffix):
+      return name[: -len(suffix)]
+  return None
+
+
+def _hcp_subjects(root: str, hcp_image: str, hcp_labels: str) -> list[Subject]:
+  out = []
+  for name in sorted(os.listdir(root)):
+    folder = os.path.join(root, name)
+    image = os.path.join(folder, hcp_image)
+    if not (os.path.isdir(folder) and os.path.isfile(image)):
+      continue
+    labels = os.path.join(folder, hcp_labels) if hcp_labels else None
+    # HCP labels are optional (the default names aparc+aseg, which not every
+    # download has): absent files mean an unlabelled subject.
+    out.append(Subject(name, image, labels if labels and os.path.isfile(labels) else None))
+  return out
+
+
+def _flat_subjects(root: str, labels_dir: str) -> list[Subject]:
+  out, seen = [], {}
+  for name in sorted(os.listdir(root)):
+    path = os.path.join(root, name)
+    sid = _strip_nifti(name)
+    if sid is None or not os.path.isfile(path):
+      continue
+    if sid in seen:
+      raise DataError(f"{root}: {seen[sid]} and {name} give the same subject id {sid!r}")
+    seen[sid] = name
+    # With labels_dir set, labels are expected for every subject: the path is kept
+    # even if the file is missing, so that subject fails with a clear error.
+    labels = os.path.join(labels_dir, name) if labels_dir else None
+    out.append(Subject(sid, path, labels))
+  return out
+
+
+def find_subjects(root: str, layout: str = "auto", *,
+                  hcp_image: str = "T1w/T1w_acpc_dc_restore_brain.nii.gz",
+                  hcp_labels: str = "T1w/aparc+aseg.nii.gz",
+                  labels_dir: str = "") -> list[Subject]:
+  """Lists the subjects under `root`, sorted by id.
+
+  Layouts:
+    'hcp': `<root>/<subject>/<hcp_image>`; labels `<root>/<subject>/<hcp_labels>`
+      when that file exists (hcp_labels '' = no labels).
+    'flat': every `*.nii` / `*.nii.gz` file in `root`; id = file name without
+      extension; labels `<labels_dir>/<same file name>` when labels_dir is set.
+      A subject whose label file is missing is listed anyway and fails at
+      preprocessing time with an error naming the missing file (skipped, or
+      fatal with data.strict).
+    'auto': 'hcp' if any subfolder holds `hcp_image`, else 'flat'.
+  Raises:
+    DataError naming the folder: root (or labels_dir) missing / not a folder,
+    no volumes found.
+  """
+  root = os.path.abspath(os.fspath(root))
+  if not os.path.exists(root):
+    raise DataError(f"{root}: data folder does not exist (data.root)")
+  if not os.path.isdir(root):
+    raise DataError(f"{root}: data.root is not a folder")
+  if layout not in ("auto", "hcp", "flat"):
+    raise ConfigError(f"config key 'data.layout' is {layout!r}; choose 'auto', 'hcp' or 'flat'")
+  if labels_dir:
+    labels_dir = os.path.abspath(labels_dir)
+    if not os.path.isdir(labels_dir):
+      raise DataError(f"{labels_dir}: labels folder does not exist (data.labels_dir)")
+  hcp = _hcp_subjects(root, hcp_image, hcp_labels) if layout in ("auto", "hcp") else []
+  if hcp:
+    return hcp
+  if layout == "hcp":
+    raise DataError(f"{root}: no volumes found (layout 'hcp': looked for "
+                    f"<root>/<subject>/{hcp_image})")
+  flat = _flat_subjects(root, labels_dir)
+  if not flat:
+    searched = (f"layout 'auto': looked for <root>/<subject>/{hcp_image} and "
+                f"<root>/*.nii, *.nii.gz" if layout == "auto"
+                else "layout 'flat': looked for <root>/*.nii, *.nii.gz")
+    raise DataError(f"{root}: no volumes found ({searched})")
+  return flat
+
+
+# --------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------
+
+
+def _settings(d: Any) -> dict[str, Any]:
+  """The preprocessing settings: recorded in the manifest, hashed into the plan."""
+  return {
+      "preprocess_version": PREPROCESS_VERSION,
+      "grid": int(d.grid),
+      "voxel_size": float(d.voxel_size),
+      "n4": bool(d.n4),
+      "percentiles": [float(p) for p in d.percentiles],
+      "foreground_percentiles": bool(d.foreground_percentiles),
+      "antialias": bool(d.antialias),
+      "label_map": str(d.label_map),
+  }
+
+
+def split_subjects(num: int, num_val: int, seed: int) -> list[str]:
+  """'train'/'val' per subject: `num_val` (at most num - 1) chosen by a seeded permutation."""
+  num_val = max(0, min(int(num_val), num - 1))
+  val = set(np.random.default_rng(int(seed)).permutation(num)[:num_val].tolist())
+  return ["val" if i in val else "train" for i in range(num)]
+
+
+def _process_subject(task: dict[str, Any]) -> dict[str, Any]:
+  """Loads and preprocesses one subject; never raises (errors come back as a reason).
+
+  Runs in a worker process: only numpy/scipy/nibabel/SimpleITK, no JAX.
+  """
+  path = task["image"]
+  try:
+    s = task["settings"]
+    data, affine = nifti.load_volume(path)
+    labels = None
+    if task["labels"]:
+      raw, lab_affine = nifti.load_labels(task["labels"])
+      if raw.shape != data.shape or not np.allclose(lab_affine, affine, atol=1e-3):
+        raise DataError(f"{task['labels']}: label map grid (shape {raw.shape}) does not match "
+                        f"its image {path} (shape {data.shape}) or their affines differ")
+      labels = map_labels(raw, s["label_map"], task["labels"])
+    image, labels, grid_affine = preprocess_volume(
+        data, affine, grid=s["grid"], voxel_size=s["voxel_size"], n4=s["n4"],
+        percentiles=s["percentiles"], foreground_percentiles=s["foreground_percentiles"],
+        antialias=s["antialias"], labels=labels)
+    meta = {"voxel_size_in": nifti.voxel_sizes(affine).tolist(),
+            "shape_in": list(data.shape)}
+    if labels is not None:
+      meta["label_max"] = int(labels.max())
+    return {"row": task["row"], "status": "ok", "image": image, "labels": labels,
+            "affine": grid_affine, "meta": meta}
+  except DataError as e:
+    reason = str(e)
+    if path not in reason and (not task["labels"] or task["labels"] not in reason):
+      reason = f"{path}: {reason}"
+    return {"row": task["row"], "status": "error", "reason": reason}
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything else is reported with the file too; strict mode re-raises it.
+    return {"row": task["row"], "status": "error",
+            "reason": f"{path}: {type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+def _run(tasks: list[dict[str, Any]], num_workers: int) -> Iterator[dict[str, Any]]:
+  """Yields results of `_process_subject`, inline or from worker processes."""
+  if num_workers <= 1 or len(tasks) <= 1:
+    for task in tasks:
+      yield _process_subject(task)
+    return
+  # 'spawn': a fresh interpreter per worker; forking a parent that has
+  # initialised JAX (threads, device handles) can deadlock.
+  ctx = multiprocessing.get_context("spawn")
+  pool = futures.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx)
+  try:
+    todo = iter(tasks)
+    running: set[futures.Future] = set()
+    # A bounded window: results (grid³ arrays) are written as they arrive
+    # instead of piling up in the parent.
+    for task in todo:
+      running.add(pool.submit(_process_subject, task))
+      if len(running) >= 2 * num_workers:
+        break
+    while running:
+      done, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+      for fut in done:
+        nxt = next(todo, None)
+        if nxt is not None:
+          running.add(pool.submit(_process_subject, nxt))
+        yield fut.result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False) -> VolumeCache:
+  """Preprocesses every subject under `config.data.root` into a cache at `cache_dir`.
+
+  Reads `config.seed` and `config.data.*` (root, layout, hcp_image, hcp_labels,
+  labels_dir, label_map, cache_dtype, grid, voxel_size, slice_axis, n4,
+  percentiles, foreground_percentiles, antialias, num_val, max_subjects, strict,
+  num_workers).
+
+  Subjects are sorted by id, cut to `max_subjects`, and split by a permutation
+  seeded with `config.seed`: `num_val` (at most all but one) go to 'val'. The
+  cache holds labels iff every subject has a label file. A subject that fails
+  is logged and listed in the manifest's `skipped`, or, with `data.strict`,
+  raises DataError naming its file. An interrupted build resumes where it
+  stopped (CacheWriter's progress file); a finished cache at `cache_dir` is
+  returned as it is unless `overwrite`.
+
+  Returns:
+    the finished VolumeCache.
+  """
+  d = config.data
+  settings = _settings(d)
+  if VolumeCache.exists(cache_dir) and not overwrite:
+    cache = VolumeCache(cache_dir)
+    if cache.manifest.get("settings") != settings:
+      logging.warning("%s: existing cache was made with other settings (%s); using it as "
+                      "it is. Delete it or pass overwrite=True to rebuild.",
+                      cache.path, cache.manifest.get("settings"))
+    return cache
+
+  subjects = find_subjects(d.root, d.layout, hcp_image=d.hcp_image, hcp_labels=d.hcp_labels,
+                           labels_dir=d.labels_dir)
+  if int(d.max_subjects) > 0:
+    subjects = subjects[: int(d.max_subjects)]
+  num_labelled = sum(s.labels is not None for s in subjects)
+  with_labels = num_labelled == len(subjects)
+  if 0 < num_labelled < len(subjects):
+    missing = [s.id for s in subjects if s.labels is None]
+    msg = (f"{d.root}: {num_labelled} of {len(subjects)} subjects have label files "
+           f"(none for {missing[:5]}{'...' if len(missing) > 5 else ''})")
+    if d.strict:
+      raise DataError(msg + "; give labels for all subjects or none")
+    logging.warning("%s; the cache will hold no labels", msg)
+
+  splits = split_subjects(len(subjects), d.num_val, config.seed)
+  entries = [{"id": s.id, "source": s.image, "labels": s.labels if with_labels else None,
+              "split": split} for s, split in zip(subjects, splits)]
+  g = int(d.grid)
+  writer = CacheWriter(cache_dir, entries, (g, g, g), int(d.slice_axis), str(d.cache_dtype),
+                       with_labels, settings)
+  pending = writer.pending
+  logging.info("preprocessing %d of %d subjects from %s into %s (%d workers)",
+               len(pending), len(entries), d.root, writer.path, int(d.num_workers))
+  tasks = [{"row": row, "image": entries[row]["source"], "labels": entries[row]["labels"],
+            "settings": settings} for row in pending]
+  t0 = time.time()
+  # disable=None: the bar shows on a terminal and stays out of log files.
+  with tqdm.tqdm(total=len(entries), initial=len(entries) - len(pending), unit="vol",
+                 desc="preprocess", disable=None, file=sys.stderr) as bar:
+    for result in _run(tasks, int(d.num_workers)):
+      row = result["row"]
+      if result["status"] == "ok":
+        writer.write(row, result["image"], result["affine"], result["labels"],
+                     **result["meta"])
+      else:
+        if d.strict:
+          raise DataError(f"{result['reason']} (data.strict=True stops at the first bad "
+                          f"subject; set it False to skip bad subjects)")
+        if "traceback" in result:
+          logging.debug("%s", result["traceback"])
+        logging.warning("skipping subject %s: %s", entries[row]["id"], result["reason"])
+        writer.skip(row, result["reason"])
+      bar.update(1)
+
+  label_names = None
+  if with_labels:
+    if d.label_map == "freesurfer15":
+      label_names = list(FREESURFER15_NAMES)
+    else:
+      # Raw labels have no names: one class per value up to the largest seen.
+      top = max((rec.get("label_max", 0) for rec in writer.done.values()
+                 if rec["status"] == "ok"), default=0)
+      label_names = [f"label_{i}" for i in range(int(top) + 1)]
+  cache = writer.finalize(extra={"label_names": label_names, "source": "nifti",
+                                 "root": os.path.abspath(d.root), "layout": str(d.layout)})
+  skipped = cache.manifest["skipped"]
+  logging.info("cache %s: %d subjects (%d train, %d val), %d skipped, %.1f s",
+               cache.path, len(cache), len(cache.split("train")), len(cache.split("val")),
+               len(skipped), time.time() - t0)
+  return cache
