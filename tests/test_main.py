@@ -1,0 +1,108 @@
+"""End to end through the command line and the pipeline, and bad input at the top level."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from helpers import blob_volume
+from slicevae_jax import config_lib, pipeline
+from slicevae_jax.errors import ConfigError, DataError
+from slicevae_jax.metric_writer import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _main(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "slicevae_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _nifti_folder(path, n=5, shape=(30, 36, 30)):
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    v = blob_volume(36, rng)[3:33, :, 3:33] * 80.0
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(v.astype(np.float32), affine), os.path.join(path, f"sub{i}.nii.gz"))
+  return path
+
+
+@pytest.mark.parametrize("name", ["demo", "hcp64", "hcp128", "hcp256"])
+def test_configs_are_valid(name):
+  for arg in (None, "smoke"):
+    config_lib.validate(load_config(name, arg))
+  with pytest.raises(ConfigError, match="fast"):
+    load_config(name, "fast")
+
+
+def test_demo_smoke_end_to_end_through_main(tmp_path):
+  workdir = str(tmp_path / "demo")
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-4000:]
+  samples = sorted(f for f in os.listdir(os.path.join(workdir, "samples")) if f.endswith(".gz"))
+  assert len(samples) == 2
+  img = nib.load(os.path.join(workdir, "samples", samples[0]))
+  assert img.shape == (32, 32, 32) and 0 <= img.get_fdata().min() <= img.get_fdata().max() <= 1
+  assert os.path.exists(os.path.join(workdir, "samples", samples[0].replace(".nii.gz", ".png")))
+  for f in ("config.json", "latent_gaussian.npz", "metrics.jsonl", "cache/manifest.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  # Running again skips every finished stage and changes nothing.
+  before = len(read_metrics(workdir))
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}")
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "skipped" in r.stderr and len(read_metrics(workdir)) == before
+
+
+def test_own_nifti_folder_with_hcp_smoke(tmp_path):
+  config = load_config("hcp64", "smoke")
+  config.data.root = _nifti_folder(str(tmp_path / "data"))
+  workdir = str(tmp_path / "w")
+  pipeline.run(config, workdir, "preprocess")
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  pipeline.run(config, workdir, "all")
+  vol = nib.load(os.path.join(workdir, "samples", "sample_0000.nii.gz"))
+  assert vol.shape == (32, 32, 32)
+  np.testing.assert_allclose(vol.header.get_zooms(), [config.data.voxel_size] * 3, rtol=1e-5)
+
+
+def test_bad_mode_key_and_data_errors(tmp_path):
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}", "--mode=evaluat",
+            timeout=120)
+  assert r.returncode != 0 and "mode" in r.stderr
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+            "--config.train.num_stepz=3", timeout=120)
+  assert r.returncode != 0 and "num_stepz" in r.stderr
+  config = load_config("hcp64", "smoke")
+  with pytest.raises(ConfigError, match="data.root"):
+    pipeline.run(config, str(tmp_path / "a"))
+  config.data.root = str(tmp_path / "nowhere")
+  with pytest.raises(DataError, match="nowhere"):
+    pipeline.run(config, str(tmp_path / "b"))
+  os.makedirs(tmp_path / "empty")
+  config.data.root = str(tmp_path / "empty")
+  with pytest.raises(DataError, match="empty"):
+    pipeline.run(config, str(tmp_path / "c"))
+
+
+def test_changed_model_under_checkpoints_is_refused(tmp_path):
+  config = load_config("hcp64", "smoke")
+  config.data.root = _nifti_folder(str(tmp_path / "data"), n=4)
+  workdir = str(tmp_path / "w")
+  config.train.num_steps = 2
+  pipeline.run(config, workdir, "train")
+  config.model.base_width = 8
+  with pytest.raises(ConfigError, match="model"):
+    pipeline.run(config, workdir, "train")
