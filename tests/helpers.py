@@ -76,3 +76,16 @@ def identifiable_params(params) -> dict[str, np.ndarray]:
       continue
     out[name] = np.asarray(value)
   return out
+
+
+def write_nifti_folder(path: str, n: int = 5) -> str:
+  """A flat folder of n small ellipsoid 'brains' (30x36x30 at 1.5 mm) as .nii.gz."""
+  import os  # pylint: disable=import-outside-toplevel
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    v = blob_volume(36, rng)[3:33, :, 3:33] * 80.0
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(v.astype(np.float32), affine), os.path.join(path, f"sub{i}.nii.gz"))
+  return path

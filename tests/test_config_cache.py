@@ -101,3 +101,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
       raise RuntimeError("killed")
   assert fileio.read_json(target) == {"a": 1}
   assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_concurrent_shard_writers_share_one_plan(tmp_path):
+  path = str(tmp_path / "c")
+  entries = [{"id": f"s{i}", "split": "train"} for i in range(4)]
+  a = CacheWriter(path, entries, (4, 4, 4), 1, "uint8", False, shard=(0, 2))
+  b = CacheWriter(path, entries, (4, 4, 4), 1, "uint8", False, shard=(1, 2))
+  assert a.pending == [0, 2] and b.pending == [1, 3]
+  for w in (a, b):
+    for row in w.pending:
+      w.write(row, np.full((4, 4, 4), row / 4), np.eye(4))
+  assert a.complete and b.complete
+  cache = b.finalize()
+  np.testing.assert_allclose([cache.volume(i).mean() for i in range(4)],
+                             [0, 0.25, 0.5, 0.75], atol=1 / 255)
+  with pytest.raises(DataError, match="shard 2 of 2"):
+    CacheWriter(str(tmp_path / "d"), entries, (4, 4, 4), 1, "uint8", False, shard=(2, 2))

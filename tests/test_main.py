@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import blob_volume
+from helpers import write_nifti_folder
 from slicevae_jax import config_lib, pipeline
 from slicevae_jax.errors import ConfigError, DataError
 from slicevae_jax.metric_writer import read_metrics
@@ -28,16 +28,6 @@ def _main(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, "-m", "slicevae_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
-
-
-def _nifti_folder(path, n=5, shape=(30, 36, 30)):
-  os.makedirs(path, exist_ok=True)
-  rng = np.random.default_rng(0)
-  for i in range(n):
-    v = blob_volume(36, rng)[3:33, :, 3:33] * 80.0
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    nib.save(nib.Nifti1Image(v.astype(np.float32), affine), os.path.join(path, f"sub{i}.nii.gz"))
-  return path
 
 
 @pytest.mark.parametrize("name", ["demo", "hcp64", "hcp128", "hcp256"])
@@ -68,7 +58,7 @@ def test_demo_smoke_end_to_end_through_main(tmp_path):
 
 def test_own_nifti_folder_with_hcp_smoke(tmp_path):
   config = load_config("hcp64", "smoke")
-  config.data.root = _nifti_folder(str(tmp_path / "data"))
+  config.data.root = write_nifti_folder(str(tmp_path / "data"))
   workdir = str(tmp_path / "w")
   pipeline.run(config, workdir, "preprocess")
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
@@ -99,7 +89,7 @@ def test_bad_mode_key_and_data_errors(tmp_path):
 
 def test_changed_model_under_checkpoints_is_refused(tmp_path):
   config = load_config("hcp64", "smoke")
-  config.data.root = _nifti_folder(str(tmp_path / "data"), n=4)
+  config.data.root = write_nifti_folder(str(tmp_path / "data"), n=4)
   workdir = str(tmp_path / "w")
   config.train.num_steps = 2
   pipeline.run(config, workdir, "train")

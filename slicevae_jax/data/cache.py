@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -78,11 +79,15 @@ class CacheWriter:
     with_labels: allocate labels.npy.
     settings: preprocessing settings recorded in the manifest (and hashed:
       a partial cache made with other settings is discarded, not resumed).
+    shard: (k, n): this writer fills rows k, k+n, k+2n, ...; n writers (processes
+      or hosts on one file system) fill one cache together, and whichever sees
+      every row done calls `finalize()`.
   """
 
   def __init__(self, path: str, entries: Sequence[dict[str, Any]], grid: Sequence[int],
                slice_axis: int, dtype: str, with_labels: bool,
-               settings: dict[str, Any] | None = None):
+               settings: dict[str, Any] | None = None,
+               shard: tuple[int, int] | None = None):
     self.path = os.path.abspath(path)
     self.partial = self.path + ".partial"
     self.entries = [dict(e) for e in entries]
@@ -96,8 +101,11 @@ class CacheWriter:
     self.hash = plan_hash(self.entries, {**self.settings, "grid": self.grid,
                                          "slice_axis": self.slice_axis, "dtype": dtype,
                                          "labels": with_labels})
+    self.shard, self.num_shards = (int(shard[0]), int(shard[1])) if shard else (0, 1)
+    if not 0 <= self.shard < self.num_shards:
+      raise DataError(f"{self.path}: shard {self.shard} of {self.num_shards} does not exist")
     n = len(self.entries)
-    stack_shape = (n,) + to_stack(np.empty(self.grid, np.uint8), self.slice_axis).shape
+    self._stack_shape = (n,) + to_stack(np.empty(self.grid, np.uint8), self.slice_axis).shape
     self.done: dict[int, dict[str, Any]] = {}
     plan_file = os.path.join(self.partial, "plan.json")
     if os.path.isdir(self.partial):
@@ -107,38 +115,63 @@ class CacheWriter:
         resumable = False
       if not resumable:
         shutil.rmtree(self.partial)
-    fresh = not os.path.isdir(self.partial)
-    os.makedirs(self.partial, exist_ok=True)
-    mode = "w+" if fresh else "r+"
-    self.images = np.lib.format.open_memmap(
-        os.path.join(self.partial, "images.npy"), mode=mode,
-        dtype=np.dtype(dtype), shape=stack_shape)
-    self.labels = None
-    if with_labels:
-      self.labels = np.lib.format.open_memmap(
-          os.path.join(self.partial, "labels.npy"), mode=mode, dtype=np.uint8,
-          shape=stack_shape)
-    if fresh:
-      fileio.write_json(plan_file, {"hash": self.hash})
-    else:
-      self._read_progress()
+    if not os.path.isdir(self.partial):
+      self._create_partial()
+    self.images = np.load(os.path.join(self.partial, "images.npy"), mmap_mode="r+")
+    self.labels = (np.load(os.path.join(self.partial, "labels.npy"), mmap_mode="r+")
+                   if with_labels else None)
+    self._read_progress()
+
+  def _create_partial(self) -> None:
+    """Allocates the arrays in a private folder, then renames it into place.
+
+    Several shards (processes or hosts sharing a file system) may start at
+    once: the first rename wins and the others use the winner's folder.
+    """
+    tmp = f"{self.partial}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+      np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), mode="w+",
+                                dtype=np.dtype(self.dtype), shape=self._stack_shape).flush()
+      if self.with_labels:
+        np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), mode="w+", dtype=np.uint8,
+                                  shape=self._stack_shape).flush()
+      fileio.write_json(os.path.join(tmp, "plan.json"), {"hash": self.hash})
+      os.rename(tmp, self.partial)
+    except OSError:
+      if not os.path.isdir(self.partial):
+        raise
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  def _progress_file(self) -> str:
+    name = PROGRESS if self.num_shards == 1 else f"progress-{self.shard}-of-{self.num_shards}.jsonl"
+    return os.path.join(self.partial, name)
 
   def _read_progress(self) -> None:
-    progress = os.path.join(self.partial, PROGRESS)
-    if not os.path.exists(progress):
-      return
-    with open(progress, "r", encoding="utf-8") as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue  # a line cut short by an interruption: that row is redone
-        self.done[int(rec["row"])] = rec
+    """Finished rows, from every shard's progress file."""
+    for name in sorted(os.listdir(self.partial)):
+      if not (name.startswith("progress") and name.endswith(".jsonl")):
+        continue
+      with open(os.path.join(self.partial, name), "r", encoding="utf-8") as f:
+        for line in f:
+          try:
+            rec = json.loads(line)
+          except ValueError:
+            continue  # a line cut short by an interruption: that row is redone
+          self.done[int(rec["row"])] = rec
+
+  @property
+  def complete(self) -> bool:
+    """True when every row of every shard is written or skipped (re-reads progress)."""
+    self._read_progress()
+    return len(self.done) == len(self.entries)
 
   @property
   def pending(self) -> list[int]:
-    """Rows not yet written (nor skipped)."""
-    return [i for i in range(len(self.entries)) if i not in self.done]
+    """This shard's rows not yet written (nor skipped)."""
+    return [i for i in range(self.shard, len(self.entries), self.num_shards)
+            if i not in self.done]
 
   def write(self, row: int, image: np.ndarray, affine: np.ndarray,
             labels: np.ndarray | None = None, **meta: Any) -> None:
@@ -163,7 +196,7 @@ class CacheWriter:
     self._record({"row": row, "status": "skipped", "reason": str(reason)})
 
   def _record(self, rec: dict[str, Any]) -> None:
-    with open(os.path.join(self.partial, PROGRESS), "a", encoding="utf-8") as f:
+    with open(self._progress_file(), "a", encoding="utf-8") as f:
       f.write(json.dumps(rec, default=fileio._json_default) + "\n")
       f.flush()
       os.fsync(f.fileno())
@@ -171,8 +204,9 @@ class CacheWriter:
 
   def finalize(self, extra: dict[str, Any] | None = None) -> "VolumeCache":
     """Writes the manifest and renames the partial folder into place."""
-    if self.pending:
-      raise DataError(f"{self.path}: {len(self.pending)} subjects not yet processed")
+    if not self.complete:
+      missing = len(self.entries) - len(self.done)
+      raise DataError(f"{self.path}: {missing} subjects not yet processed")
     subjects, skipped = [], []
     for row, entry in enumerate(self.entries):
       rec = self.done[row]
@@ -196,10 +230,15 @@ class CacheWriter:
         **(extra or {}),
     }
     del self.images, self.labels
-    fileio.write_json(os.path.join(self.partial, MANIFEST), manifest)
-    if os.path.exists(self.path):
-      shutil.rmtree(self.path)
-    os.replace(self.partial, self.path)
+    try:
+      fileio.write_json(os.path.join(self.partial, MANIFEST), manifest)
+      if os.path.exists(self.path):
+        shutil.rmtree(self.path)
+      os.replace(self.partial, self.path)
+    except OSError:
+      # Another shard finished the same plan a moment earlier.
+      if not VolumeCache.exists(self.path):
+        raise
     return VolumeCache(self.path)
 
 

@@ -474,7 +474,8 @@ def _run(tasks: list[dict[str, Any]], num_workers: int) -> Iterator[dict[str, An
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False) -> VolumeCache:
+def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
+                shard: tuple[int, int] | None = None) -> VolumeCache | None:
   """Preprocesses every subject under `config.data.root` into a cache at `cache_dir`.
 
   Reads `config.seed` and `config.data.*` (root, layout, hcp_image, hcp_labels,
@@ -490,8 +491,14 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False) -> Volu
   stopped (CacheWriter's progress file); a finished cache at `cache_dir` is
   returned as it is unless `overwrite`.
 
+  With `shard=(k, n)` (default: `data.shard_index`, `data.num_shards`) this call
+  processes only rows k, k+n, ... of the shared plan; n calls (processes, hosts
+  or batch jobs sharing a file system) fill one cache, and whichever finds every
+  row done finalises it. The split is computed from the whole subject list, so a
+  sharded cache equals an unsharded one.
+
   Returns:
-    the finished VolumeCache.
+    the finished VolumeCache, or None when other shards still have rows to do.
   """
   d = config.data
   settings = _settings(d)
@@ -521,8 +528,10 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False) -> Volu
   entries = [{"id": s.id, "source": s.image, "labels": s.labels if with_labels else None,
               "split": split} for s, split in zip(subjects, splits)]
   g = int(d.grid)
+  if shard is None:
+    shard = (int(d.shard_index), int(d.num_shards))
   writer = CacheWriter(cache_dir, entries, (g, g, g), int(d.slice_axis), str(d.cache_dtype),
-                       with_labels, settings)
+                       with_labels, settings, shard=shard)
   pending = writer.pending
   logging.info("preprocessing %d of %d subjects from %s into %s (%d workers)",
                len(pending), len(entries), d.root, writer.path, int(d.num_workers))
@@ -546,6 +555,11 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False) -> Volu
         logging.warning("skipping subject %s: %s", entries[row]["id"], result["reason"])
         writer.skip(row, result["reason"])
       bar.update(1)
+
+  if not writer.complete:
+    logging.info("shard %d of %d done; %d subjects left to other shards of %s", shard[0],
+                 shard[1], len(entries) - len(writer.done), writer.partial)
+    return None
 
   label_names = None
   if with_labels:
