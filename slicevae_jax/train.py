@@ -161,7 +161,9 @@ def image_grid(model, state: TrainState, slices_: np.ndarray, key, mesh) -> np.n
     return jnp.clip(rec, 0, 1), jnp.clip(prior, 0, 1)
 
   rec, prior = jax.device_get(run(state.variables, x, key))
-  return viz.grid([slices_, rec[..., 0], prior[..., 0]])
+  # Slices of a RAS volume, turned so that superior (or anterior) is up.
+  upright = lambda a: np.rot90(a, axes=(-2, -1))
+  return viz.grid([upright(slices_), upright(rec[..., 0]), upright(prior[..., 0])])
 
 
 def slice_vae_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
