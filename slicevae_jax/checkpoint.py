@@ -16,6 +16,18 @@ from absl import logging
 from slicevae_jax.errors import DataError
 
 
+def finished_steps(directory: str) -> list[int]:
+  """Steps of the finished checkpoints in `directory`, read from the listing alone.
+
+  Orbax writes a step into a temporary folder and renames it to the bare step
+  number when complete, so integer-named folders are exactly the finished ones.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 class Checkpointer:
   """Saves and restores a state pytree under `<directory>/<step>/`."""
 

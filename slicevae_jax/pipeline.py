@@ -115,14 +115,18 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     inference.save_config(config, workdir)
 
 
+def _sync(name: str) -> None:
+  """Barrier across processes, so every process decides on the same files."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def _latest_step(workdir: str) -> int | None:
-  d = os.path.join(workdir, train_lib.CHECKPOINT_DIR)
-  if not os.path.isdir(d):
-    return None
-  ckpt = ckpt_lib.Checkpointer(d, read_only=True)
-  step = ckpt.latest_step()
-  ckpt.close()
-  return step
+  # A directory listing, not a CheckpointManager: creating a manager is a
+  # collective in multi-host runs, and this is called before stages start.
+  steps = ckpt_lib.finished_steps(os.path.join(workdir, train_lib.CHECKPOINT_DIR))
+  return max(steps) if steps else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> None:
@@ -145,11 +149,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
   if mode == "preprocess":
     return
   if mode == "train" or everything:
+    _sync("slicevae:train")
     step = _latest_step(workdir)
     if everything and step is not None and step >= config.train.num_steps:
       logging.info("train: done (checkpoint at step %d), skipped", step)
     else:
       train_lib.train(config, workdir, cache, mesh)
+  _sync("slicevae:fit_latent")
   step = _latest_step(workdir)
   if mode == "fit_latent" or everything:
     if step is None:
@@ -159,6 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
     else:
       fit_latent_lib.fit_latent(config, workdir, cache, mesh)
   if mode == "sample" or everything:
+    _sync("slicevae:sample")
     if everything and sample_lib.is_current(workdir, config, step):
       logging.info("sample: current for step %d, skipped", step)
     else:
