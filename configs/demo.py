@@ -10,8 +10,9 @@ random affine + smooth warp + bias field of the one template, at 64³ and 2.8 mm
 latent Gaussian is fitted on all training subjects and 8 volumes are sampled to
 <workdir>/samples/ as .nii.gz plus three-plane PNGs.
 
-Expected on a 2-core CPU: about 12 minutes in all, most of it training; samples
-are smooth but recognisable brains (one anatomy, deformed: see README).
+Expected on a 2-core CPU: about 10 minutes in all (9 min 40 s measured), most of
+it training; the samples are blurry but recognisable brains with ventricles, and
+differ mostly in size and pose (one anatomy, deformed: see README).
 
 Variants: 'smoke' (32³, tiny model, 4 steps; the end-to-end test uses it).
 """
