@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -104,7 +105,7 @@ def main():
       r = _run(code, n)
       runs[n].append(r)
       print(r, flush=True)
-  med = {n: sorted(x["slices_per_s"] for x in rs)[len(rs) // 2] for n, rs in runs.items()}
+  med = {n: statistics.median(x["slices_per_s"] for x in rs) for n, rs in runs.items()}
   cost = _run(COST.format(root=ROOT, res=a.cost_res, batch=a.cost_batch), 1)
   print(cost)
   lines = [

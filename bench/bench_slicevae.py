@@ -85,7 +85,8 @@ def bench_resolution(res: int, batch: int, steps: int, n_latent: int, n_sample: 
     rows = parallel.process_rows(mesh, batch)
     n_batches = max(4, steps)
     t = time.perf_counter()
-    for _ in slices_lib.prefetch(cache, sampler, 0, n_batches, rows, depth=2):
+    load = lambda step: slices_lib.load_batch(cache, sampler, step, rows)
+    for _ in slices_lib.prefetch(load, 0, n_batches, depth=2):
       pass
     out["input_slices_per_s"] = n_batches * batch / (time.perf_counter() - t)
     del cache
