@@ -11,6 +11,7 @@ i, not on how many volumes are drawn or how they are batched.
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -91,9 +92,14 @@ def map_volumes(fn, inputs: np.ndarray, batch: int, mesh) -> np.ndarray:
     padded = _pad_to(chunk, size)
     local = parallel.process_rows(mesh, size)
     out = fn(parallel.global_batch(padded[local], mesh, size))
-    out = jax.device_get(jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))(out))
-    outs.append(np.asarray(out)[:len(chunk)])
+    outs.append(np.asarray(jax.device_get(_gather_fn(mesh)(out)))[:len(chunk)])
   return np.concatenate(outs)
+
+
+@functools.lru_cache(maxsize=8)
+def _gather_fn(mesh):
+  """Replicates a sharded result on every device, so every process can read it whole."""
+  return jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
 
 
 @dataclasses.dataclass
