@@ -106,3 +106,9 @@ def test_missing_latent_or_checkpoint_is_clear(tmp_path, workdir):
   inference.save_config(workdir[2], str(tmp_path))
   with pytest.raises(DataError, match="checkpoint"):
     inference.load_for_inference(str(tmp_path))
+
+
+def test_notebook_api_from_the_package(workdir):
+  from slicevae_jax import load_for_inference, sample_volumes
+  vols = sample_volumes(load_for_inference(workdir[0]), jax.random.key(0), num=1)
+  assert vols.shape == (1, 16, 16, 16)
