@@ -115,6 +115,25 @@ def base_config() -> ml_collections.ConfigDict:
   sg.num_eval_volumes = 8      # held-out volumes for the per-label validation Dice
   sg.progress = True
 
+  # --- evaluation: MMD, MS-SSIM, RAS, segmenter FD (paper §2.2, §4; DESIGN §4) ---
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.num_generated = 0         # generated volumes evaluated (0 = all found)
+  ev.num_real = 40             # real held-out volumes (the 'val' split; 0 = all)
+  ev.mmd_batch = 8             # Kwon MMD batch B (4 at 256³)
+  ev.mmd_repeats = 100         # Kwon MMD passes over the real set (10 at 256³)
+  ev.msssim_pairs = 100        # random distinct pairs for the MS-SSIM diversity score
+  ev.msssim_batch = 4          # pairs per jitted MS-SSIM call
+  ev.reg_levels = 3            # affine registration: resolution levels
+  ev.reg_iters = (150, 100, 50)  # Adam steps per level, coarsest first (one per level)
+  ev.reg_lr = 0.01             # Adam learning rate of the registration
+  ev.similarity = "ncc"        # 'ncc' | 'lncc' | 'mse'
+  ev.pair_batch = 8            # (generated, real) pairs registered at once (vmapped)
+  ev.segment_batch = 4         # volumes segmented at once
+  ev.fd_slabs = 1              # segmenter FD: features pooled over this many slabs per volume
+  ev.train_segmenter = True    # evaluate_workdir trains (or resumes) a missing segmenter
+  ev.num_figures = 4           # volumes shown in the overlay figure (montage: 2x as many)
+  ev.seed = 2                  # pair choices and shuffles of the metrics
+
   # --- distributed ----------------------------------------------------------
   c.dist = ds = ml_collections.ConfigDict()
   ds.initialize = False        # call jax.distributed.initialize() (multi-host)
@@ -278,4 +297,13 @@ def smoke(c: ml_collections.ConfigDict, grid: int = 32) -> ml_collections.Config
   c.latent.rank = 4
   c.sample.num_volumes = 2
   c.sample.batch_volumes = 2
+  c.eval.num_real = 4
+  c.eval.mmd_batch = 2
+  c.eval.mmd_repeats = 5
+  c.eval.msssim_pairs = 4
+  c.eval.reg_levels = 2
+  c.eval.reg_iters = (20, 10)
+  c.eval.reg_lr = 0.02
+  c.eval.pair_batch = 4
+  c.eval.num_figures = 2
   return c

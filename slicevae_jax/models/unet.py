@@ -3,6 +3,8 @@
 Paper §3.3: a U-Net (Ronneberger et al.) trained on coronal slices of real
 volumes with a Dice loss. Four resolution levels, two 3x3 conv + BatchNorm +
 ReLU per level, max-pooling down, nearest x2 + conv up, skip concatenation.
+With `features=True` the same parameters give the bottleneck activations
+instead, which the segmenter Fréchet distance (metrics/frechet.py) pools.
 """
 
 from typing import Any, Sequence
@@ -34,7 +36,13 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, features: bool = False) -> Array:
+    """Slices [B, H, W, C] -> logits [B, H, W, K] (float32).
+
+    features=True stops after the encoder and returns the bottleneck activations
+    [B, H/2**(L-1), W/2**(L-1), widths[-1]] (float32). Submodules are created in the same
+    order either way, so parameter names, and with them existing checkpoints, are unchanged.
+    """
     skips = []
     h = x.astype(self.dtype)
     for i, w in enumerate(self.widths):
@@ -42,6 +50,8 @@ class UNet(nn.Module):
       if i < len(self.widths) - 1:
         skips.append(h)
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    if features:
+      return h.astype(jnp.float32)
     for w, skip in zip(reversed(self.widths[:-1]), reversed(skips)):
       h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
       h = nn.Conv(w, (3, 3), padding=1, dtype=self.dtype)(h)
