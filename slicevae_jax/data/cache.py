@@ -59,6 +59,15 @@ def _decode(values: np.ndarray) -> np.ndarray:
   return values.astype(np.float32)
 
 
+def _gather(array: np.ndarray, rows: np.ndarray, slices: np.ndarray) -> np.ndarray:
+  """array[rows, slices] from a memory map, read in file order, returned in input order."""
+  rows, slices = np.asarray(rows), np.asarray(slices)
+  order = np.lexsort((slices, rows))
+  out = np.empty((len(rows),) + array.shape[2:], array.dtype)
+  out[order] = array[rows[order], slices[order]]
+  return out
+
+
 def plan_hash(entries: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
   """Identifies a cache plan, so a partial cache is only resumed by the same plan."""
   blob = json.dumps({"entries": list(entries), "settings": settings}, sort_keys=True,
@@ -298,23 +307,13 @@ class VolumeCache:
 
   def gather(self, rows: np.ndarray, slices: np.ndarray) -> np.ndarray:
     """float32 [B, H, W] slices at (array row, slice index) pairs."""
-    rows = np.asarray(rows)
-    slices = np.asarray(slices)
-    # Sorted reads touch the memory map in file order; results go back in place.
-    order = np.lexsort((slices, rows))
-    out = np.empty((len(rows),) + self.images.shape[2:], self.images.dtype)
-    out[order] = self.images[rows[order], slices[order]]
-    return _decode(out)
+    return _decode(_gather(self.images, rows, slices))
 
   def gather_labels(self, rows: np.ndarray, slices: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W] label slices at (array row, slice index) pairs."""
     if self.labels is None:
       raise DataError(f"{self.path}: this cache has no labels")
-    rows, slices = np.asarray(rows), np.asarray(slices)
-    order = np.lexsort((slices, rows))
-    out = np.empty((len(rows),) + self.labels.shape[2:], np.uint8)
-    out[order] = self.labels[rows[order], slices[order]]
-    return out
+    return _gather(self.labels, rows, slices)
 
   def affine(self, i: int) -> np.ndarray:
     return np.asarray(self.subjects[i]["affine"], np.float64)
