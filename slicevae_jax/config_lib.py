@@ -12,7 +12,10 @@ import ml_collections
 
 from slicevae_jax.errors import ConfigError
 
-MODES = ("preprocess", "train", "fit_latent", "sample", "all")
+MODES = ("preprocess", "train", "fit_latent", "sample", "evaluate", "all")
+# What `train`/`sample` build: the slice VAE (this paper) or one of the 3D baselines (DESIGN §3).
+MODEL_TYPES = ("slice_vae", "wgan_gp", "vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
+BASELINE_NORMS = ("auto", "batch", "instance")
 BN_MODES = ("running", "volume")
 CACHE_DTYPES = ("float32", "float16", "uint8")
 SOURCES = ("nifti", "synthetic")
@@ -25,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "slicevae"
   c.seed = 0
+  c.model_type = "slice_vae"   # 'slice_vae' | a 3D baseline: see MODEL_TYPES and `baseline`
 
   # --- data: where volumes come from and how they are cached -------------
   c.data = d = ml_collections.ConfigDict()
@@ -74,6 +78,30 @@ def base_config() -> ml_collections.ConfigDict:
   m.bn_momentum = 0.9          # = torch momentum 0.1
   m.skip_double_lrelu = False  # reference quirk: LeakyReLU(0.04) applied twice on the ResUp skip
   m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
+
+  # --- 3D baselines (model_type != 'slice_vae'; Kwon et al. 2019, DESIGN §3) ------
+  # Trained whole-volume by the same loop; `train` sets batch size (volumes),
+  # learning rate and steps. Channel widths halve per stage from max_channels at
+  # 4³, one stage per doubling of the grid (64³: 512, 256, 128, 64).
+  c.baseline = b = ml_collections.ConfigDict()
+  b.latent_dim = 1000          # GAN latent (α-(W)GAN, WGAN-GP, VAE-GAN)
+  b.max_channels = 512
+  b.min_channels = 8
+  b.code_hidden = 4096         # α-(W)GAN code discriminator width
+  b.encoder_hidden = 2048      # VAE-GAN encoder heads
+  b.norm = "auto"              # 'auto': instance norm for alpha_gan at 256³, batch norm otherwise
+  b.adam_b1 = 0.5
+  b.adam_b2 = 0.999
+  b.gp_weight = 10.0           # λ of the gradient penalties
+  b.recon_weight = 10.0        # α-GAN / α-WGAN L1 weight; VAE-GAN encoder MSE weight
+  b.vaegan_dec_recon = 20.0    # VAE-GAN decoder MSE weight
+  b.n_critic = 0               # critic updates per generator update (0 = the reference's per model)
+  b.gp_per_voxel = False       # True: the reference's per-voxel gradient-penalty norm (a bug)
+  b.code_critic_grad_from_zhat = True  # False: the reference's code critic without gradient from ẑ
+  b.vae3d_kl_weight = 1.0
+  b.vae3d_channels = 16
+  b.vae3d_latent = 0           # 0 = 512 · grid / 64 (paper §3.1: FC_512 at 64³, FC_1024 at 128³)
+  b.dtype = "float32"
 
   # --- train --------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -209,6 +237,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("data.layout", d.layout, LAYOUTS)
   _choice("data.label_map", d.label_map, LABEL_MAPS)
   _choice("data.cache_dtype", d.cache_dtype, CACHE_DTYPES)
+  _choice("model_type", config.model_type, MODEL_TYPES)
+  _choice("baseline.norm", config.baseline.norm, BASELINE_NORMS)
+  _choice("baseline.dtype", config.baseline.dtype, ("float32", "bfloat16"))
   _choice("model.bn_mode", m.bn_mode, BN_MODES)
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   g, ls = int(d.grid), int(m.latent_size)
@@ -236,9 +267,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       ("model.base_width", m.base_width)):
     if int(value) < 1:
       raise ConfigError(f"config key {name!r} must be >= 1, got {value}")
+  check_eval(config.eval)
   if t.learning_rate <= 0:
     raise ConfigError(f"config key 'train.learning_rate' must be positive, got {t.learning_rate}")
   return config
+
+
+def check_eval(e: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on evaluation counts the metrics cannot take.
+
+  (Registration settings are checked by `metrics.ras.registration_settings`.)
+  """
+  for key in ("mmd_batch", "mmd_repeats", "msssim_pairs", "msssim_batch", "pair_batch",
+              "segment_batch", "fd_slabs"):
+    if int(e[key]) < 1:
+      raise ConfigError(f"config key 'eval.{key}' must be >= 1, got {e[key]}")
+  for key in ("num_generated", "num_real", "num_figures"):
+    if int(e[key]) < 0:
+      raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {e[key]}")
 
 
 # Released reference settings per resolution (DESIGN §1, §5).
@@ -267,6 +313,9 @@ def paper_config(grid: int) -> ml_collections.ConfigDict:
   c.latent.num_volumes = 400
   c.latent.rank = p["rank"]
   c.sample.num_volumes = 16
+  if grid == 256:
+    # Paper §4.2: at 256³ the MMD used 10 passes of batch 4 (cost).
+    c.eval.mmd_batch, c.eval.mmd_repeats, c.eval.pair_batch = 4, 10, 2
   return c
 
 
@@ -306,4 +355,18 @@ def smoke(c: ml_collections.ConfigDict, grid: int = 32) -> ml_collections.Config
   c.eval.reg_lr = 0.02
   c.eval.pair_batch = 4
   c.eval.num_figures = 2
+  c.segmenter.widths = (8, 16)
+  c.segmenter.num_steps = 20
+  c.segmenter.log_every = 10
+  c.segmenter.eval_every = 20
+  c.segmenter.checkpoint_every = 20
+  c.segmenter.num_eval_volumes = 1
+  c.segmenter.progress = False
+  c.baseline.latent_dim = 16
+  c.baseline.max_channels = 16
+  c.baseline.min_channels = 4
+  c.baseline.code_hidden = 32
+  c.baseline.encoder_hidden = 32
+  c.baseline.vae3d_channels = 4
+  c.baseline.vae3d_latent = 16
   return c

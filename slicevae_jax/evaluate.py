@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
+from slicevae_jax import config_lib
 from slicevae_jax import fileio
 from slicevae_jax import parallel
 from slicevae_jax import segmenter as seg_lib
@@ -47,7 +48,7 @@ from slicevae_jax import trainer
 from slicevae_jax import viz
 from slicevae_jax.data import nifti
 from slicevae_jax.data.cache import VolumeCache
-from slicevae_jax.errors import ConfigError, DataError
+from slicevae_jax.errors import DataError
 from slicevae_jax.metrics import frechet, mmd, ms_ssim, ras
 
 EVAL_DIR = "eval"
@@ -66,13 +67,7 @@ RANGE_TOLERANCE = 1e-3
 
 def _check_eval_config(e: ml_collections.ConfigDict) -> dict[str, Any]:
   """Registration kwargs from config.eval, after checking the values the code cannot take."""
-  for key in ("mmd_batch", "mmd_repeats", "msssim_pairs", "msssim_batch", "pair_batch",
-              "segment_batch", "fd_slabs"):
-    if int(e[key]) < 1:
-      raise ConfigError(f"config key 'eval.{key}' must be >= 1, got {e[key]}")
-  for key in ("num_generated", "num_real", "num_figures"):
-    if int(e[key]) < 0:
-      raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {e[key]}")
+  config_lib.check_eval(e)
   return ras.registration_settings(e)
 
 

@@ -14,6 +14,20 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def _file_mode() -> int:
+  """The mode a plain open() would give a new file now (mkstemp gives 0600)."""
+  try:  # Linux: read the umask without changing it (os.umask is not thread-safe).
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return 0o666 & ~int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
   """Yields a temporary path beside `path`; renames it onto `path` on success.
@@ -28,6 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
       dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp"
   )
   os.close(fd)
+  os.chmod(tmp, _file_mode())
   if suffix:
     # Writers such as nibabel choose the format from the final extension.
     os.replace(tmp, tmp[: -len(".tmp")])

@@ -21,7 +21,8 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for the cache, checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "all", list(config_lib.MODES),
-                  "Stage to run; 'all' runs every stage not done yet.")
+                  "Stage to run (preprocess, train, fit_latent, sample, evaluate); 'all' runs "
+                  "every stage not done yet.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -1,8 +1,11 @@
-"""The stages in order: preprocess -> train -> fit_latent -> sample, each skippable.
+"""The stages in order: preprocess -> train -> fit_latent -> sample -> evaluate.
 
 `run(config, workdir, mode)` is what `main.py` calls and what a notebook can
 call. With mode 'all', a stage whose output already exists and is current is
-skipped (an unfinished training run resumes from its newest checkpoint).
+skipped (an unfinished training run resumes from its newest checkpoint), and
+evaluate is skipped with a warning when the real volumes have no labels.
+A 3D baseline (config.model_type != 'slice_vae') has the same stages except
+fit_latent: its generator samples from N(0, I) directly.
 """
 
 import json
@@ -15,6 +18,7 @@ from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import config_lib
+from slicevae_jax import evaluate as evaluate_lib
 from slicevae_jax import fileio
 from slicevae_jax import fit_latent as fit_latent_lib
 from slicevae_jax import inference
@@ -25,7 +29,7 @@ from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import ConfigError, DataError
 
 # Config groups that must not change under an existing checkpoint.
-_FROZEN = ("model", "data.grid", "data.slice_axis")
+_FROZEN = ("model_type", "model", "baseline", "data.grid", "data.slice_axis")
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -148,16 +152,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
                len(cache.split("train")), len(cache.split("val")), cache.stack_shape)
   if mode == "preprocess":
     return
+  slice_vae = config.model_type == "slice_vae"
+  if mode == "fit_latent" and not slice_vae:
+    raise ConfigError(f"--mode=fit_latent fits the slice VAE's latent Gaussian; model_type="
+                      f"{config.model_type!r} samples its prior directly and has no such stage")
+  if not slice_vae:
+    from slicevae_jax import baseline_stages  # pylint: disable=import-outside-toplevel
   if mode == "train" or everything:
     _sync("slicevae:train")
     step = _latest_step(workdir)
     if everything and step is not None and step >= config.train.num_steps:
       logging.info("train: done (checkpoint at step %d), skipped", step)
-    else:
+    elif slice_vae:
       train_lib.train(config, workdir, cache, mesh)
+    else:
+      baseline_stages.train(config, workdir, cache, mesh)
   _sync("slicevae:fit_latent")
   step = _latest_step(workdir)
-  if mode == "fit_latent" or everything:
+  if slice_vae and (mode == "fit_latent" or everything):
     if step is None:
       raise DataError(f"{workdir}: no checkpoint; run --mode=train first")
     if everything and fit_latent_lib.is_current(workdir, step):
@@ -168,5 +180,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
     _sync("slicevae:sample")
     if everything and sample_lib.is_current(workdir, config, step):
       logging.info("sample: current for step %d, skipped", step)
-    else:
+    elif slice_vae:
       sample_lib.write_samples(config, workdir, mesh)
+    else:
+      baseline_stages.write_samples(config, workdir, mesh)
+  if mode == "evaluate" or everything:
+    _sync("slicevae:evaluate")
+    if everything and not cache.manifest.get("has_labels"):
+      logging.warning("evaluate: skipped, the real volumes in %s have no labels (the RAS needs "
+                      "them); give label files and run --mode=evaluate", cache.path)
+    elif everything and evaluate_lib.is_current(workdir):
+      logging.info("evaluate: current for the samples in %s, skipped", workdir)
+    else:
+      evaluate_lib.evaluate_workdir(config, workdir, cache, mesh)

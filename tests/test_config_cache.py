@@ -103,6 +103,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
   assert os.listdir(tmp_path) == ["out.json"]
 
 
+def test_atomic_write_has_the_umask_permissions(tmp_path):
+  mask = os.umask(0o022)
+  try:
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    fileio.write_text(tmp_path / "atomic.txt", "x")
+    fileio.save_npz(tmp_path / "a.npz", x=np.zeros(2))
+  finally:
+    os.umask(mask)
+  want = os.stat(plain).st_mode & 0o777
+  assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == want
+  assert os.stat(tmp_path / "a.npz").st_mode & 0o777 == want
+
+
 def test_concurrent_shard_writers_share_one_plan(tmp_path):
   path = str(tmp_path / "c")
   entries = [{"id": f"s{i}", "split": "train"} for i in range(4)]

@@ -1,6 +1,7 @@
 """End to end through the command line and the pipeline, and bad input at the top level."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -47,13 +48,25 @@ def test_demo_smoke_end_to_end_through_main(tmp_path):
   img = nib.load(os.path.join(workdir, "samples", samples[0]))
   assert img.shape == (32, 32, 32) and 0 <= img.get_fdata().min() <= img.get_fdata().max() <= 1
   assert os.path.exists(os.path.join(workdir, "samples", samples[0].replace(".nii.gz", ".png")))
-  for f in ("config.json", "latent_gaussian.npz", "metrics.jsonl", "cache/manifest.json"):
+  for f in ("config.json", "latent_gaussian.npz", "metrics.jsonl", "cache/manifest.json",
+            "eval/metrics.json", "eval/report.md", "eval/ras_per_label.png", "segmenter/metrics.jsonl"):
     assert os.path.exists(os.path.join(workdir, f)), f
+  scores = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  assert scores["model"]["ras"]["mean"] >= 0 and scores["real"]["ras"]["mean"] > 0
+  assert "| Real |" in open(os.path.join(workdir, "eval", "report.md")).read()
   # Running again skips every finished stage and changes nothing.
   before = len(read_metrics(workdir))
+  stamp = os.path.getmtime(os.path.join(workdir, "eval", "metrics.json"))
   r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-4000:]
-  assert "skipped" in r.stderr and len(read_metrics(workdir)) == before
+  assert "evaluate: current" in r.stderr and len(read_metrics(workdir)) == before
+  assert os.path.getmtime(os.path.join(workdir, "eval", "metrics.json")) == stamp
+  # --mode=evaluate re-scores on request, without training anything.
+  os.remove(os.path.join(workdir, "eval", "report.md"))
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=evaluate")
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
+  assert len(read_metrics(workdir)) == before
 
 
 def test_own_nifti_folder_with_hcp_smoke(tmp_path):
