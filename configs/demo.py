@@ -37,6 +37,10 @@ def get_config(arg=None):
   config.latent.num_volumes = 56
   config.latent.rank = 56
   config.sample.num_volumes = 8
+  # RAS segmenter for the evaluate stage: CPU-sized (the paper's runs use 20 k steps).
+  config.segmenter.num_steps = 1000
+  config.segmenter.eval_every = 500
+  config.segmenter.checkpoint_every = 500
   if args.smoke:
     config = config_lib.smoke(config)
   return config

@@ -4,6 +4,7 @@ Notebook entry points (imported on first use, so that light modules such as the
 preprocessing workers never pull in JAX):
 
     from slicevae_jax import load_for_inference, sample_volumes
+    from slicevae_jax import load_baseline   # a trained 3D baseline (baseline_stages)
 """
 
 import importlib
@@ -18,6 +19,7 @@ _EXPORTS = {
     "decode_latents": "slicevae_jax.inference",
     "InferenceBundle": "slicevae_jax.inference",
     "run": "slicevae_jax.pipeline",
+    "load_baseline": "slicevae_jax.baseline_stages",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ from slicevae_jax.errors import ConfigError
 MODES = ("preprocess", "train", "fit_latent", "sample", "evaluate", "all")
 # What `train`/`sample` build: the slice VAE (this paper) or one of the 3D baselines (DESIGN §3).
 MODEL_TYPES = ("slice_vae", "wgan_gp", "vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
-BASELINE_NORMS = ("auto", "batch", "instance")
+BASELINE_NORMS = ("auto", "batch", "instance", "none")
 BN_MODES = ("running", "volume")
 CACHE_DTYPES = ("float32", "float16", "uint8")
 SOURCES = ("nifti", "synthetic")
@@ -89,13 +89,16 @@ def base_config() -> ml_collections.ConfigDict:
   b.min_channels = 8
   b.code_hidden = 4096         # α-(W)GAN code discriminator width
   b.encoder_hidden = 2048      # VAE-GAN encoder heads
-  b.norm = "auto"              # 'auto': instance norm for alpha_gan at 256³, batch norm otherwise
-  b.adam_b1 = 0.5
+  b.norm = "auto"              # 'auto': instance norm for alpha_gan at 256³, batch norm otherwise;
+                               # 'batch' | 'instance' | 'none' everywhere
+  b.adam_b1 = 0.9             # torch defaults: the reference notebooks set no betas
   b.adam_b2 = 0.999
   b.gp_weight = 10.0           # λ of the gradient penalties
   b.recon_weight = 10.0        # α-GAN / α-WGAN L1 weight; VAE-GAN encoder MSE weight
   b.vaegan_dec_recon = 20.0    # VAE-GAN decoder MSE weight
-  b.n_critic = 0               # critic updates per generator update (0 = the reference's per model)
+  b.n_critic = 0               # critic updates per iteration (0 = the reference's: 1)
+  b.n_gen = 0                  # generator-side updates per iteration (0 = reference: 5 WGAN-GP, else 1)
+  b.double_g_step = False      # True: α-(W)GAN G takes two Adam steps per gradient (reference)
   b.gp_per_voxel = False       # True: the reference's per-voxel gradient-penalty norm (a bug)
   b.code_critic_grad_from_zhat = True  # False: the reference's code critic without gradient from ẑ
   b.vae3d_kl_weight = 1.0
@@ -161,6 +164,13 @@ def base_config() -> ml_collections.ConfigDict:
   ev.train_segmenter = True    # evaluate_workdir trains (or resumes) a missing segmenter
   ev.num_figures = 4           # volumes shown in the overlay figure (montage: 2x as many)
   ev.seed = 2                  # pair choices and shuffles of the metrics
+
+  # --- compare: every model on one data set with one budget (slicevae_jax.compare) ---------
+  c.compare = cp = ml_collections.ConfigDict()
+  cp.models = MODEL_TYPES      # trained, sampled and scored in this order
+  cp.epochs = 0.0              # equal budget: passes over the training volumes per model
+                               # (slice VAE: slices / slices-per-volume); 0 = train.num_steps
+  cp.baseline_batch = 4        # volumes per step for the 3D baselines
 
   # --- distributed ----------------------------------------------------------
   c.dist = ds = ml_collections.ConfigDict()
@@ -239,6 +249,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("data.cache_dtype", d.cache_dtype, CACHE_DTYPES)
   _choice("model_type", config.model_type, MODEL_TYPES)
   _choice("baseline.norm", config.baseline.norm, BASELINE_NORMS)
+  for model in config.compare.models:
+    _choice("compare.models[]", model, MODEL_TYPES)
   _choice("baseline.dtype", config.baseline.dtype, ("float32", "bfloat16"))
   _choice("model.bn_mode", m.bn_mode, BN_MODES)
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
@@ -285,6 +297,27 @@ def check_eval(e: ml_collections.ConfigDict) -> None:
   for key in ("num_generated", "num_real", "num_figures"):
     if int(e[key]) < 0:
       raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {e[key]}")
+
+
+# Learning rates of the released baselines (VAE-GAN 1e-4 in the reference; our 3D VAE 1e-4).
+BASELINE_LR = {"wgan_gp": 2e-4, "vae_gan": 1e-4, "alpha_gan": 2e-4, "alpha_wgan": 2e-4,
+               "vae3d": 1e-4}
+
+
+def as_baseline(config: ml_collections.ConfigDict, model: str) -> ml_collections.ConfigDict:
+  """A copy of `config` that trains the 3D baseline `model` with its reference settings.
+
+  Keeps data, eval, segmenter and baseline groups; sets model_type, the name,
+  batch 4 volumes and the model's learning rate.
+  """
+  if model not in BASELINE_LR:
+    raise ConfigError(f"{model!r} is not a 3D baseline; choose one of {sorted(BASELINE_LR)}")
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.name = f"{model}{int(c.data.grid)}"
+  c.model_type = model
+  c.train.batch_size = 4
+  c.train.learning_rate = BASELINE_LR[model]
+  return c
 
 
 # Released reference settings per resolution (DESIGN §1, §5).

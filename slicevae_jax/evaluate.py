@@ -534,7 +534,7 @@ def to_unit_range(volume: np.ndarray, path: str) -> tuple[np.ndarray, bool]:
   return (volume - lo) / (hi - lo), True
 
 
-def _load_set(paths: list[str], what: str) -> np.ndarray:
+def load_set(paths: list[str], what: str) -> np.ndarray:
   """Loads volumes [n, X, Y, Z] in [0, 1]; every file on the grid of the first."""
   vols, rescaled = [], 0
   for p in paths:
@@ -585,7 +585,7 @@ def ensure_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: Vol
   return seg_lib.load_segmenter(config, workdir, cache, mesh)
 
 
-def _labelled_val(cache: VolumeCache, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def labelled_val(cache: VolumeCache, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
   if not cache.manifest.get("has_labels") or not cache.manifest.get("label_names"):
     raise DataError(f"{cache.path}: evaluation needs labelled real volumes for the RAS, and "
                     f"this cache has no labels (give label files: HCP aparc+aseg or "
@@ -619,13 +619,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
   """
   e = config.eval
   _check_eval_config(e)
-  real, labels, names = _labelled_val(cache, int(e.num_real))
+  real, labels, names = labelled_val(cache, int(e.num_real))
   sample_dir = os.path.join(workdir, SAMPLES_DIR)
   if not os.path.isdir(sample_dir):
     raise DataError(f"{sample_dir}: no samples; run --mode=sample first")
   paths = list_nifti(sample_dir, "generated samples")
   paths = paths[:int(e.num_generated)] if int(e.num_generated) else paths
-  generated = _load_set(paths, "generated samples")
+  generated = load_set(paths, "generated samples")
   if generated.shape[1:] != real.shape[1:]:
     raise DataError(f"{paths[0]}: shape {generated.shape[1:]} differs from the cache grid "
                     f"{real.shape[1:]} of {cache.path}")
@@ -676,8 +676,8 @@ def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real
     if not os.path.isfile(lp):
       raise DataError(f"{lp}: missing label map for real volume {rp} (label files need the "
                       f"same names as the real volumes)")
-  generated = _load_set(gen_paths, "generated volumes")
-  real = _load_set(real_paths, "real volumes")
+  generated = load_set(gen_paths, "generated volumes")
+  real = load_set(real_paths, "real volumes")
   if generated.shape[1:] != real.shape[1:]:
     raise DataError(f"grids differ: generated {gen_paths[0]} is {generated.shape[1:]}, real "
                     f"{real_paths[0]} is {real.shape[1:]}; resample to one grid first")

@@ -133,11 +133,19 @@ def _latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> None:
-  """Runs one stage, or every stage that is not done yet (mode 'all')."""
+def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
+        evaluate: bool = True) -> None:
+  """Runs one stage, or every stage that is not done yet (mode 'all').
+
+  `evaluate=False` leaves the evaluate stage out of 'all' (the model comparison
+  scores every model itself, with one shared segmenter).
+  """
   if mode not in config_lib.MODES:
     raise ConfigError(f"unknown mode {mode!r}; choose one of {list(config_lib.MODES)}")
   config_lib.validate(config)
+  if mode == "fit_latent" and config.model_type != "slice_vae":
+    raise ConfigError(f"--mode=fit_latent fits the slice VAE's latent Gaussian; model_type="
+                      f"{config.model_type!r} samples its prior directly and has no such stage")
   os.makedirs(workdir, exist_ok=True)
   record_config(config, workdir)
   mesh = parallel.make_mesh()
@@ -153,9 +161,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
   if mode == "preprocess":
     return
   slice_vae = config.model_type == "slice_vae"
-  if mode == "fit_latent" and not slice_vae:
-    raise ConfigError(f"--mode=fit_latent fits the slice VAE's latent Gaussian; model_type="
-                      f"{config.model_type!r} samples its prior directly and has no such stage")
   if not slice_vae:
     from slicevae_jax import baseline_stages  # pylint: disable=import-outside-toplevel
   if mode == "train" or everything:
@@ -184,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all") -> N
       sample_lib.write_samples(config, workdir, mesh)
     else:
       baseline_stages.write_samples(config, workdir, mesh)
-  if mode == "evaluate" or everything:
+  if mode == "evaluate" or (everything and evaluate):
     _sync("slicevae:evaluate")
     if everything and not cache.manifest.get("has_labels"):
       logging.warning("evaluate: skipped, the real volumes in %s have no labels (the RAS needs "

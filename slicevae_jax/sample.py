@@ -6,8 +6,10 @@ voxel size) and `sample_XXXX.png` (three orthogonal mid-slices), then
 """
 
 import os
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import ml_collections
 from absl import logging
 
@@ -30,28 +32,40 @@ def is_current(workdir: str, config: ml_collections.ConfigDict, step: int) -> bo
           and index.get("seed") == int(config.sample.seed))
 
 
-def write_samples(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[str]:
-  """Samples `sample.num_volumes` volumes and writes them; returns the NIfTI paths."""
-  bundle = inference.load_for_inference(workdir, mesh=mesh)
-  out_dir = os.path.join(workdir, SAMPLES_DIR)
-  key = jax.random.key(int(config.sample.seed))
+def write_sample_set(config: ml_collections.ConfigDict, out_dir: str,
+                     sample_fn: Callable[[int, int], np.ndarray], affine: np.ndarray,
+                     index: dict[str, Any]) -> list[str]:
+  """Writes sample.num_volumes volumes from `sample_fn(start, num) -> [num, X, Y, Z]`.
+
+  Every process calls `sample_fn` (it may be a collective); process 0 writes the
+  NIfTI files, PNGs and, last, `samples.json` (`index` plus num_volumes, seed, files).
+  """
   num, batch = int(config.sample.num_volumes), int(config.sample.batch_volumes)
   paths = []
   for start in range(0, num, batch):
-    vols = inference.sample_volumes(bundle, key, min(batch, num - start), start=start)
+    vols = sample_fn(start, min(batch, num - start))
     if jax.process_index() != 0:
       continue
     for j, vol in enumerate(vols):
       name = f"sample_{start + j:04d}"
       path = os.path.join(out_dir, name + ".nii.gz")
-      nifti.save_volume(path, vol, bundle.affine)
+      nifti.save_volume(path, vol, affine)
       if config.sample.png:
         viz.save_png(os.path.join(out_dir, name + ".png"), viz.three_planes(vol))
       paths.append(path)
   if jax.process_index() == 0:
-    fileio.write_json(os.path.join(out_dir, INDEX), {
-        "checkpoint_step": bundle.step, "num_volumes": num, "seed": int(config.sample.seed),
-        "files": [os.path.basename(p) for p in paths],
-        "affine": bundle.affine.tolist(), "slice_axis": bundle.slice_axis})
+    fileio.write_json(os.path.join(out_dir, INDEX), dict(
+        index, num_volumes=num, seed=int(config.sample.seed),
+        files=[os.path.basename(p) for p in paths], affine=np.asarray(affine).tolist()))
   logging.info("wrote %d samples to %s", len(paths), out_dir)
   return paths
+
+
+def write_samples(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[str]:
+  """Samples `sample.num_volumes` volumes and writes them; returns the NIfTI paths."""
+  bundle = inference.load_for_inference(workdir, mesh=mesh)
+  key = jax.random.key(int(config.sample.seed))
+  return write_sample_set(
+      config, os.path.join(workdir, SAMPLES_DIR),
+      lambda start, num: inference.sample_volumes(bundle, key, num, start=start),
+      bundle.affine, {"checkpoint_step": bundle.step, "slice_axis": bundle.slice_axis})

@@ -300,6 +300,10 @@ class VolumeCache:
     """Subject i as a float32 [X, Y, Z] RAS volume in [0, 1]."""
     return to_volume(self.stack(i), self.slice_axis)
 
+  def volume_at_row(self, row: int) -> np.ndarray:
+    """The volume stored in array row `row` (see `rows`), float32 [X, Y, Z] in [0, 1]."""
+    return to_volume(_decode(self.images[row]), self.slice_axis)
+
   def label_volume(self, i: int) -> np.ndarray:
     if self.labels is None:
       raise DataError(f"{self.path}: this cache has no labels")

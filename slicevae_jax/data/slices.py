@@ -1,8 +1,9 @@
-"""Slice batches for training: cache -> shuffled (volume, slice) pairs -> host arrays.
+"""Training batches: cache -> shuffled (volume, slice) pairs or whole volumes -> host arrays.
 
-The batch of step k is a pure function of (seed, k): pairs are drawn from a
+The batch of step k is a pure function of (seed, k): items are drawn from a
 stream made of one seeded permutation per epoch, so a resumed run sees exactly
 the batches an uninterrupted one would, with no loader state to checkpoint.
+Slices feed the slice VAE; whole volumes feed the 3D baselines.
 Each process reads only the rows of the global batch its devices hold, and a
 background thread prepares the next batches while the device trains.
 """
@@ -73,6 +74,39 @@ class SliceSampler:
 
   def epoch_of(self, step: int) -> float:
     return step * self.batch_size / self.num_pairs
+
+
+class VolumeSampler:
+  """Maps a step number to the array rows of its global batch of whole volumes.
+
+  One seeded permutation of the subjects per epoch; batches run across epoch ends.
+  """
+
+  def __init__(self, cache: VolumeCache, subjects: Sequence[int], batch_size: int, seed: int):
+    if not len(subjects):
+      raise ValueError(f"{cache.path}: no subjects to draw volumes from")
+    self.rows = cache.rows(subjects)
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+
+  def volumes(self, step: int) -> np.ndarray:
+    """Array rows [B] of the global batch at `step`."""
+    n = len(self.rows)
+    flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    epochs, offsets = np.divmod(flat, n)
+    perms = {int(e): np.random.default_rng([self.seed, int(e)]).permutation(n)
+             for e in np.unique(epochs)}
+    return self.rows[[perms[int(e)][o] for e, o in zip(epochs, offsets)]]
+
+  def epoch_of(self, step: int) -> float:
+    return step * self.batch_size / len(self.rows)
+
+
+def load_volume_batch(cache: VolumeCache, sampler: VolumeSampler, step: int,
+                      local_rows: np.ndarray) -> np.ndarray:
+  """This process's part of the volume batch at `step`: float32 [b, X, Y, Z, 1] in [-1, 1]."""
+  rows = sampler.volumes(step)[local_rows]
+  return np.stack([cache.volume_at_row(int(r)) for r in rows])[..., None] * 2.0 - 1.0
 
 
 def load_batch(cache: VolumeCache, sampler: SliceSampler, step: int,
