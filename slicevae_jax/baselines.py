@@ -682,7 +682,7 @@ def build(config: ml_collections.ConfigDict) -> Baseline:
   else:
     lat = vae3d_latent_dim(config)
     nets = {"VAE": vae3d.VAE3D(grid, latent_dim=lat, channels=int(b.vae3d_channels),
-                               dtype=dtype)}
+                               remat=bool(b.vae3d_remat), dtype=dtype)}
   tx = optax.adam(float(config.train.learning_rate), b1=float(b.adam_b1), b2=float(b.adam_b2))
   n_critic, n_gen = updates_per_iteration(config)
   return Baseline(

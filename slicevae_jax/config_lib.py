@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   b.code_critic_grad_from_zhat = True  # False: the reference's code critic without gradient from ẑ
   b.vae3d_kl_weight = 1.0
   b.vae3d_channels = 16
+  b.vae3d_remat = False        # recompute the reversible layers in the backward pass (memory)
   b.vae3d_latent = 0           # 0 = 512 · grid / 64 (paper §3.1: FC_512 at 64³, FC_1024 at 128³)
   b.dtype = "float32"
 

@@ -10,26 +10,13 @@ import pytest
 
 from slicevae_jax import baselines
 from slicevae_jax import config_lib
-from tests.helpers import blob_volume
+from helpers import blob_volume
 
 GRID = 16
 BATCH = 2
 
-# The `baseline` group's keys with their defaults, for a schema that lacks some.
-_BASELINE_DEFAULTS = dict(
-    latent_dim=1000, max_channels=512, min_channels=8, code_hidden=4096, encoder_hidden=2048,
-    norm="auto", adam_b1=0.9, adam_b2=0.999, gp_weight=10.0, recon_weight=10.0,
-    vaegan_dec_recon=20.0, n_critic=0, gp_per_voxel=False, code_critic_grad_from_zhat=True,
-    vae3d_kl_weight=1.0, vae3d_channels=16, vae3d_latent=0, dtype="float32")
-
-
 def tiny_config(model: str, **baseline) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
-  if "baseline" not in c:
-    c.baseline = ml_collections.ConfigDict()
-  for k, v in _BASELINE_DEFAULTS.items():
-    if k not in c.baseline:
-      c.baseline[k] = v
   c.model_type = model
   c.data.grid = GRID
   c.train.batch_size = BATCH
@@ -38,7 +25,7 @@ def tiny_config(model: str, **baseline) -> ml_collections.ConfigDict:
                     encoder_hidden=16, vae3d_channels=4, vae3d_latent=8)
   for k, v in baseline.items():
     c.baseline[k] = v
-  return c
+  return config_lib.validate(c)
 
 
 @functools.lru_cache(maxsize=None)

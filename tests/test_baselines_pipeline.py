@@ -124,20 +124,20 @@ def test_bad_baseline_arguments():
 
 def test_compare_smoke_writes_one_table_and_resumes(tmp_path):
   config = load_config("compare", "smoke")
-  config.compare.models = ("slice_vae", "alpha_wgan")
+  config.compare.models = ("slice_vae", "vae3d")
   workdir = str(tmp_path / "cmp")
   result = compare.run(config, workdir)
   budget = result["budget"]
   # Equal budget: the same passes over the training volumes (up to rounding up to whole steps).
   assert abs(budget["slice_vae"]["epochs"] - config.compare.epochs) < 0.2
-  assert budget["alpha_wgan"]["epochs"] >= config.compare.epochs
+  assert budget["vae3d"]["epochs"] >= config.compare.epochs
   report = open(os.path.join(workdir, "eval", "report.md")).read()
-  for name in ("Ours (slice VAE)", "3D α-WGAN", "| Real |", "Equal budget"):
+  for name in ("Ours (slice VAE)", "3D VAE", "| Real |", "Equal budget"):
     assert name in report, name
   assert os.path.exists(os.path.join(workdir, "eval", "ras_per_label.png"))
-  assert set(result["rows"]) == {"slice_vae", "alpha_wgan"}
+  assert set(result["rows"]) == {"slice_vae", "vae3d"}
   assert result["real"]["ras"]["mean"] > 0
-  for model in ("slice_vae", "alpha_wgan"):
+  for model in ("slice_vae", "vae3d"):
     index = json.load(open(os.path.join(workdir, model, "samples", "samples.json")))
     assert len(index["files"]) == config.sample.num_volumes
     scores = json.load(open(os.path.join(workdir, "eval", model, "metrics.json")))
