@@ -142,12 +142,8 @@ def load_baseline(workdir: str, step: int | None = None, mesh=None) -> BaselineB
     raise DataError(f"{workdir}: holds a slice VAE; use slicevae_jax.load_for_inference")
   mesh = mesh or parallel.make_mesh()
   model = baselines.build(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, trainer.CHECKPOINT_DIR), read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise DataError(f"{ckpt.directory}: no finished checkpoint; run --mode=train first")
-  state = ckpt.restore(abstract_state(model, mesh), step)
-  ckpt.close()
+  state, step = ckpt_lib.restore_trained(os.path.join(workdir, trainer.CHECKPOINT_DIR),
+                                         abstract_state(model, mesh), step)
   meta_path = os.path.join(workdir, META_FILE)
   if not os.path.exists(meta_path):
     raise DataError(f"{meta_path}: missing (written when training starts); run --mode=train")

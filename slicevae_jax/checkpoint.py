@@ -73,3 +73,15 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_trained(directory: str, abstract: Any, step: int | None = None) -> tuple[Any, int]:
+  """(state, step): a finished training run's checkpoint (newest unless `step`), read-only."""
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise DataError(f"{ckpt.directory}: no finished checkpoint; run --mode=train first")
+    return ckpt.restore(abstract, step), int(step)
+  finally:
+    ckpt.close()

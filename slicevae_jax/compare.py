@@ -21,7 +21,6 @@ sets each model's number of steps from its batch size.
 
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -177,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _cli(argv: list[str]) -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from slicevae_jax.errors import SliceVAEError  # pylint: disable=import-outside-toplevel
+  from slicevae_jax.errors import SliceVAEError, exit_with  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
@@ -187,9 +186,7 @@ def _cli(argv: list[str]) -> None:
     parallel.initialize_distributed(f.config.dist)
     run(f.config, f.workdir)
   except SliceVAEError as err:
-    logging.error("%s: %s", type(err).__name__, err)
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    exit_with(err)
 
 
 if __name__ == "__main__":

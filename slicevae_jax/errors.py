@@ -1,5 +1,8 @@
 """Error types raised on bad input; every message names the file or key at fault."""
 
+import sys
+from typing import NoReturn
+
 
 class SliceVAEError(Exception):
   """Base class for errors this package raises on purpose."""
@@ -15,3 +18,11 @@ class ConfigError(SliceVAEError, ValueError):
 
 class NonFiniteLossError(SliceVAEError, FloatingPointError):
   """Training produced a non-finite loss; the last good checkpoint is kept."""
+
+
+def exit_with(err: SliceVAEError) -> NoReturn:
+  """Command-line ending for an expected error: one log line, the message on stderr, exit 2."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.error("%s: %s", type(err).__name__, err)
+  print(f"error: {err}", file=sys.stderr)
+  sys.exit(2)

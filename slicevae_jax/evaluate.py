@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 from typing import Any
 
 import jax
@@ -729,7 +728,7 @@ def _define_flags() -> None:
 
 def _cli(argv: list[str]) -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from slicevae_jax.errors import SliceVAEError  # pylint: disable=import-outside-toplevel
+  from slicevae_jax.errors import SliceVAEError, exit_with  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
@@ -739,9 +738,7 @@ def _cli(argv: list[str]) -> None:
     evaluate_folders(f.config, f.generated, f.real, f.labels, f.segmenter_workdir, f.out,
                      name=f.name)
   except SliceVAEError as err:
-    logging.error("%s: %s", type(err).__name__, err)
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    exit_with(err)
 
 
 if __name__ == "__main__":

@@ -63,12 +63,9 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None
   from slicevae_jax import train  # pylint: disable=import-outside-toplevel
   mesh = mesh or parallel.make_mesh()
   model = slice_vae.from_config(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR), read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise DataError(f"{ckpt.directory}: no finished checkpoint; run --mode=train first")
-  state = ckpt.restore(train.abstract_state(model, train.make_optimizer(config), mesh), step)
-  ckpt.close()
+  state, step = ckpt_lib.restore_trained(
+      os.path.join(workdir, train.CHECKPOINT_DIR),
+      train.abstract_state(model, train.make_optimizer(config), mesh), step)
   return state.variables, step
 
 

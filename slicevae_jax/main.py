@@ -4,7 +4,6 @@ Thin by design: parses flags, starts multi-host JAX when the config asks, and
 hands over to `pipeline.run`. Every stage is callable from Python too.
 """
 
-import sys
 
 import jax
 from absl import app, flags, logging
@@ -13,7 +12,7 @@ from ml_collections import config_flags
 from slicevae_jax import config_lib
 from slicevae_jax import parallel
 from slicevae_jax import pipeline
-from slicevae_jax.errors import SliceVAEError
+from slicevae_jax.errors import SliceVAEError, exit_with
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -38,9 +37,7 @@ def main(argv):
                  jax.devices()[0].device_kind)
     pipeline.run(config, FLAGS.workdir, FLAGS.mode)
   except SliceVAEError as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    exit_with(e)
 
 
 if __name__ == "__main__":
