@@ -13,11 +13,11 @@ trains a 1000-step RAS U-Net and writes <workdir>/eval/report.md.
 
 Expected on a 2-core CPU: about 15 minutes in all (training 9 min 40 s measured
 alone; the whole run took 23 min on a shared machine under load, of which the
-segmenter ≈7 min and the evaluation 2 min). The samples are blurry but
-recognisable brains with ventricles and differ mostly in size and pose (one
+segmenter ≈7 min and the evaluation 2 min). At this budget the samples are
+blurry, low-contrast brain shapes that barely differ from each other (one
 anatomy, deformed: see README). Measured scores of one such run: Kwon MMD 6688,
 MS-SSIM 0.985 (real pairs 0.485), RAS 0.097 against a real-vs-real bound of
-0.55 — the blurry CPU-budget samples are far from the real set.
+0.55 — the evaluation says plainly that these samples are far from the real set.
 
 Variants: 'smoke' (32³, tiny model, 4 steps; the end-to-end test uses it).
 """
