@@ -175,18 +175,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _cli(argv: list[str]) -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from slicevae_jax.errors import SliceVAEError, exit_with  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from slicevae_jax.errors import run_command  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  try:
+
+  def body():
     config_lib.validate(f.config)
     parallel.initialize_distributed(f.config.dist)
     run(f.config, f.workdir)
-  except SliceVAEError as err:
-    exit_with(err)
+  run_command(argv, body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Error types raised on bad input; every message names the file or key at fault."""
 
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn, Sequence
 
 
 class SliceVAEError(Exception):
@@ -26,3 +26,18 @@ def exit_with(err: SliceVAEError) -> NoReturn:
   logging.error("%s: %s", type(err).__name__, err)
   print(f"error: {err}", file=sys.stderr)
   sys.exit(2)
+
+
+def run_command(argv: Sequence[str], body: Callable[[], None]) -> None:
+  """The shared body of every command line: no stray arguments, INFO logs, clean exits.
+
+  `body` does the work; an expected error (SliceVAEError) ends the process via `exit_with`.
+  """
+  from absl import app, logging  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+  logging.set_verbosity(logging.INFO)
+  try:
+    body()
+  except SliceVAEError as err:
+    exit_with(err)

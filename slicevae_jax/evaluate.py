@@ -727,18 +727,15 @@ def _define_flags() -> None:
 
 
 def _cli(argv: list[str]) -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from slicevae_jax.errors import SliceVAEError, exit_with  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from slicevae_jax.errors import run_command  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  try:
+
+  def body():
     parallel.initialize_distributed(f.config.dist)
     evaluate_folders(f.config, f.generated, f.real, f.labels, f.segmenter_workdir, f.out,
                      name=f.name)
-  except SliceVAEError as err:
-    exit_with(err)
+  run_command(argv, body)
 
 
 if __name__ == "__main__":

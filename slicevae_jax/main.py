@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from slicevae_jax import config_lib
 from slicevae_jax import parallel
 from slicevae_jax import pipeline
-from slicevae_jax.errors import SliceVAEError, exit_with
+from slicevae_jax.errors import run_command
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -26,18 +26,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  config = FLAGS.config
-  try:
+  def body():
+    config = FLAGS.config
     config_lib.validate(config)
     parallel.initialize_distributed(config.dist)
     logging.info("JAX %s, %d devices: %s", jax.__version__, jax.device_count(),
                  jax.devices()[0].device_kind)
     pipeline.run(config, FLAGS.workdir, FLAGS.mode)
-  except SliceVAEError as e:
-    exit_with(e)
+  run_command(argv, body)
 
 
 if __name__ == "__main__":
