@@ -133,6 +133,13 @@ class BaselineBundle:
   step: int
   affine: np.ndarray
   mesh: Any
+  # One jitted decoder per bundle: (state, z [n, latent]) -> volumes [n, X, Y, Z] in [0, 1].
+  decode_fn: Any = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    model = self.model
+    self.decode_fn = jax.jit(
+        lambda state, z: jnp.clip((model.generate(state, z)[..., 0] + 1.0) / 2.0, 0.0, 1.0))
 
 
 def load_baseline(workdir: str, step: int | None = None, mesh=None) -> BaselineBundle:
@@ -165,23 +172,8 @@ def sample_latents(bundle: BaselineBundle, key: jax.Array, num: int, start: int 
 
 def decode(bundle: BaselineBundle, z: np.ndarray, batch: int = 4) -> np.ndarray:
   """Latents [n, latent_dim] -> volumes [n, X, Y, Z] in [0, 1] (float32, RAS)."""
-  gen = _generate_fn(bundle.model)
-  out = inference.map_volumes(lambda zz: gen(bundle.state, zz), np.asarray(z, np.float32), batch,
-                              bundle.mesh)
-  return out
-
-
-_GENERATORS: dict[int, Any] = {}
-
-
-def _generate_fn(model: baselines.Baseline):
-  fn = _GENERATORS.get(id(model))
-  if fn is None:
-    fn = jax.jit(lambda state, z: jnp.clip((model.generate(state, z)[..., 0] + 1.0) / 2.0,
-                                           0.0, 1.0))
-    _GENERATORS.clear()
-    _GENERATORS[id(model)] = fn
-  return fn
+  return inference.map_volumes(lambda zz: bundle.decode_fn(bundle.state, zz),
+                               np.asarray(z, np.float32), batch, bundle.mesh)
 
 
 def sample_volumes(bundle: BaselineBundle, key: jax.Array, num: int = 1, start: int = 0,
