@@ -22,8 +22,8 @@ from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import fileio
 from slicevae_jax import inference
 from slicevae_jax import parallel
+from slicevae_jax import rng
 from slicevae_jax import sample as sample_lib
-from slicevae_jax import train as train_lib
 from slicevae_jax import trainer
 from slicevae_jax import viz
 from slicevae_jax.data import slices as slices_lib
@@ -57,13 +57,13 @@ def baseline_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh) -
   """A 3D baseline as a `trainer.Task`: shuffled whole volumes in [-1, 1], one schedule step."""
   t = config.train
   model = baselines.build(config)
-  keys = train_lib.named_keys(config.seed)
-  sampler = slices_lib.VolumeSampler(cache, cache.split("train"), t.batch_size, config.seed)
+  sampler = slices_lib.VolumeSampler(cache, cache.split("train"), t.batch_size,
+                                     rng.entropy(config.seed, "train_batches"))
   val = cache.split("val") or cache.split("train")
   n_show = min(4, len(val))
   shown = np.stack([cache.volume(i) for i in val[:n_show]])
   repl = parallel.replicated(mesh)
-  z_show = model.sample_latent(keys["images"], 4)
+  z_show = model.sample_latent(rng.key(config.seed, "images"), 4)
 
   @jax.jit
   def pictures(state, x):
@@ -94,7 +94,7 @@ def baseline_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh) -
   return trainer.Task(
       name=config.model_type,
       abstract_state=lambda: abstract_state(model, mesh),
-      init_state=lambda: jax.jit(model.init, out_shardings=repl)(keys["init"]),
+      init_state=lambda: jax.jit(model.init, out_shardings=repl)(rng.key(config.seed, "init")),
       train_step=make_train_step(model, mesh),
       load_batch=lambda step, rows: slices_lib.load_volume_batch(cache, sampler, step, rows),
       batch_size=t.batch_size,
@@ -120,7 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
   mesh = mesh or parallel.make_mesh()
   write_meta(cache, workdir)
   task = baseline_task(config, cache, mesh)
-  return trainer.run(task, config.train, workdir, mesh, train_lib.named_keys(config.seed)["train"],
+  return trainer.run(task, config.train, workdir, mesh, rng.key(config.seed, "train"),
                      prefetch=config.data.prefetch)
 
 

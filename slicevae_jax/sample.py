@@ -2,7 +2,9 @@
 
 Writes `<workdir>/samples/sample_XXXX.nii.gz` (RAS, the cache's grid affine and
 voxel size) and `sample_XXXX.png` (three orthogonal mid-slices), then
-`samples.json` last: its presence means the set is complete.
+`samples.json` last: its presence means the set is complete. It records what the
+set was made from (checkpoint step, count, seed and, for the slice VAE, BN mode
+and the latent file's SHA-256); `--mode=all` resamples when any of them changed.
 """
 
 import os
@@ -15,6 +17,7 @@ from absl import logging
 
 from slicevae_jax import fileio
 from slicevae_jax import inference
+from slicevae_jax import staleness
 from slicevae_jax import viz
 from slicevae_jax.data import nifti
 
@@ -22,14 +25,29 @@ SAMPLES_DIR = "samples"
 INDEX = "samples.json"
 
 
+def sample_inputs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """What slice VAE samples depend on beyond step, count and seed, for `samples.json`.
+
+  The latent file's SHA-256 (any refit, whatever changed, makes new samples) and
+  the BN mode decoding uses; {} for the 3D baselines, which have neither.
+  """
+  if config.model_type != "slice_vae":
+    return {}
+  return {"bn_mode": str(config.model.bn_mode),
+          "latent_sha256": staleness.file_sha256(os.path.join(workdir, inference.LATENT_FILE))}
+
+
 def is_current(workdir: str, config: ml_collections.ConfigDict, step: int) -> bool:
+  """True if `samples.json` records this step, count, seed and `sample_inputs`.
+
+  Logs (INFO) what changed when it does not.
+  """
   path = os.path.join(workdir, SAMPLES_DIR, INDEX)
   if not os.path.exists(path):
     return False
-  index = fileio.read_json(path)
-  return (index.get("checkpoint_step") == step
-          and index.get("num_volumes") == int(config.sample.num_volumes)
-          and index.get("seed") == int(config.sample.seed))
+  wanted = dict(checkpoint_step=step, num_volumes=int(config.sample.num_volumes),
+                seed=int(config.sample.seed), **sample_inputs(config, workdir))
+  return not staleness.stale(path, fileio.read_json(path), wanted)
 
 
 def write_sample_set(config: ml_collections.ConfigDict, out_dir: str,
@@ -68,4 +86,5 @@ def write_samples(config: ml_collections.ConfigDict, workdir: str, mesh=None) ->
   return write_sample_set(
       config, os.path.join(workdir, SAMPLES_DIR),
       lambda start, num: inference.sample_volumes(bundle, key, num, start=start),
-      bundle.affine, {"checkpoint_step": bundle.step, "slice_axis": bundle.slice_axis})
+      bundle.affine, {"checkpoint_step": bundle.step, "slice_axis": bundle.slice_axis,
+                      **sample_inputs(bundle.config, workdir)})

@@ -1,4 +1,7 @@
-"""Shared test fixtures: tiny synthetic volumes and caches."""
+"""Shared test fixtures: tiny synthetic volumes and caches, the repository's configs."""
+
+import importlib.util
+import os
 
 import numpy as np
 
@@ -31,6 +34,15 @@ def make_cache(path: str, num: int = 6, grid: int = 16, num_val: int = 2, seed: 
     lab = (v > 0.5).astype(np.uint8) + (v > 0).astype(np.uint8) if labels else None
     w.write(i, v, affine, lab)
   return w.finalize({"label_names": ["bg", "dark", "bright"] if labels else None})
+
+
+def load_config(name: str, arg: str | None = None):
+  """`configs/<name>.py`'s get_config(arg), e.g. load_config('demo', 'smoke')."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def tiny_config(grid: int = 16, **train):
@@ -80,7 +92,6 @@ def identifiable_params(params) -> dict[str, np.ndarray]:
 
 def write_nifti_folder(path: str, n: int = 5) -> str:
   """A flat folder of n small ellipsoid 'brains' (30x36x30 at 1.5 mm) as .nii.gz."""
-  import os  # pylint: disable=import-outside-toplevel
   import nibabel as nib  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
   rng = np.random.default_rng(0)

@@ -17,6 +17,10 @@ import numpy as np
 from slicevae_jax.data.cache import VolumeCache
 
 
+def _seed_words(seed: int | Sequence[int]) -> tuple[int, ...]:
+  return tuple(int(s) for s in np.atleast_1d(seed))
+
+
 class SliceSampler:
   """Maps a step number to the (array row, slice index) pairs of its global batch.
 
@@ -24,20 +28,21 @@ class SliceSampler:
     cache: the volume cache.
     subjects: subject indices to draw from (e.g. cache.split('train')).
     batch_size: global batch size.
-    seed: stream seed.
+    seed: stream seed: an int or seed words such as `rng.entropy(seed, name)`;
+      epoch e permutes with default_rng([*seed, e]).
     shuffle: True: uniform permutation of all pairs per epoch. False: the
       reference's order, one volume's slices in sequence (volumes permuted per
       epoch), so a batch is a run of consecutive slices.
   """
 
   def __init__(self, cache: VolumeCache, subjects: Sequence[int], batch_size: int,
-               seed: int, shuffle: bool = True):
+               seed: int | Sequence[int], shuffle: bool = True):
     if not len(subjects):
       raise ValueError(f"{cache.path}: no subjects to draw slices from")
     self.rows = cache.rows(subjects)
     self.num_slices = cache.stack_shape[0]
     self.batch_size = int(batch_size)
-    self.seed = int(seed)
+    self.seed = _seed_words(seed)
     self.shuffle = shuffle
     self.num_pairs = len(self.rows) * self.num_slices
     self._lock = threading.Lock()
@@ -47,7 +52,7 @@ class SliceSampler:
     with self._lock:
       perm = self._epoch_cache.get(epoch)
       if perm is None:
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([*self.seed, epoch])
         if self.shuffle:
           perm = rng.permutation(self.num_pairs)
         else:
@@ -80,21 +85,23 @@ class VolumeSampler:
   """Maps a step number to the array rows of its global batch of whole volumes.
 
   One seeded permutation of the subjects per epoch; batches run across epoch ends.
+  `seed` as for `SliceSampler`.
   """
 
-  def __init__(self, cache: VolumeCache, subjects: Sequence[int], batch_size: int, seed: int):
+  def __init__(self, cache: VolumeCache, subjects: Sequence[int], batch_size: int,
+               seed: int | Sequence[int]):
     if not len(subjects):
       raise ValueError(f"{cache.path}: no subjects to draw volumes from")
     self.rows = cache.rows(subjects)
     self.batch_size = int(batch_size)
-    self.seed = int(seed)
+    self.seed = _seed_words(seed)
 
   def volumes(self, step: int) -> np.ndarray:
     """Array rows [B] of the global batch at `step`."""
     n = len(self.rows)
     flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
     epochs, offsets = np.divmod(flat, n)
-    perms = {int(e): np.random.default_rng([self.seed, int(e)]).permutation(n)
+    perms = {int(e): np.random.default_rng([*self.seed, int(e)]).permutation(n)
              for e in np.unique(epochs)}
     return self.rows[[perms[int(e)][o] for e, o in zip(epochs, offsets)]]
 
