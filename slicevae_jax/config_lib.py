@@ -21,6 +21,8 @@ CACHE_DTYPES = ("float32", "float16", "uint8")
 SOURCES = ("nifti", "synthetic")
 LAYOUTS = ("auto", "hcp", "flat")
 LABEL_MAPS = ("none", "freesurfer15")
+# The latent model over the stack (latent_gaussian): paper §2.1 per_dim, or joint, rotated.
+LATENT_MODELS = ("per_dim", "joint", "rotated")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,10 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.num_val_slices = 512       # validation slices scored at each eval
   t.progress = True            # progress bar on process 0
 
-  # --- latent Gaussian over the slice direction (DESIGN §2) -------------
+  # --- latent Gaussian over the slice direction (paper §2.1) ------------
   c.latent = l = ml_collections.ConfigDict()
+  l.model = "per_dim"          # 'per_dim' (paper) | 'joint' | 'rotated': see latent_gaussian
   l.num_volumes = 400          # N training volumes encoded
-  l.rank = 64                  # P, truncated rank of each W_l
+  l.rank = 64                  # P, truncated rank of each W_l (joint: of the one W)
   l.encode_batch = 8           # volumes encoded at once
 
   # --- sample ---------------------------------------------------------------
@@ -255,6 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("baseline.dtype", config.baseline.dtype, ("float32", "bfloat16"))
   _choice("model.bn_mode", m.bn_mode, BN_MODES)
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+  _choice("latent.model", l.model, LATENT_MODELS)
   g, ls = int(d.grid), int(m.latent_size)
   if ls < 1 or g < 4 * ls or g & (g - 1) or g % ls:
     raise ConfigError(

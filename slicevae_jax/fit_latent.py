@@ -39,7 +39,8 @@ def latent_meta(config, cache: VolumeCache, step: int, subjects: list[int],
       "bn_mode": config.model.bn_mode,
       "num_volumes": len(subjects),
       "subjects": [cache.subjects[i]["id"] for i in subjects],
-      "rank": int(g.W.shape[-1]),
+      "model": g.kind,
+      "rank": g.rank,
       "explained_variance": float(np.mean(np.asarray(lg.explained_variance(g)))),
   }
 
@@ -77,7 +78,7 @@ def fit_latent(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCac
     ys.append(inference.encode_stacks(bundle, stacks, config.latent.encode_batch))
   y = np.concatenate(ys)                                          # [N, S, L]
   t1 = time.perf_counter()
-  g = lg.fit(jax.numpy.asarray(y), int(config.latent.rank))
+  g = lg.fit(y, int(config.latent.rank), model=config.latent.model)
   jax.block_until_ready(g.W)
   t2 = time.perf_counter()
   meta = latent_meta(config, cache, bundle.step, subjects, g)

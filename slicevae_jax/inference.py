@@ -190,7 +190,7 @@ def _sample_latents(g: lg.LatentGaussian, key: jax.Array, indices: jax.Array) ->
 
 def sample_volumes(bundle: InferenceBundle, key: jax.Array, num: int = 1, start: int = 0,
                    batch: int | None = None) -> np.ndarray:
-  """New volumes [num, X, Y, Z] in [0, 1]: y = W z + μ per latent dimension, decoded.
+  """New volumes [num, X, Y, Z] in [0, 1]: latent stacks drawn from `bundle.gaussian`, decoded.
 
   Args:
     bundle: from `load_for_inference`.
