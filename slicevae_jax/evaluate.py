@@ -29,7 +29,9 @@ carry more finite-sample bias than the generated-vs-real ones.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 from typing import Any
 
@@ -41,17 +43,24 @@ from absl import logging
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import config_lib
 from slicevae_jax import fileio
+from slicevae_jax import fit_latent as fit_latent_lib
+from slicevae_jax import inference
+from slicevae_jax import latent_gaussian as lg
 from slicevae_jax import parallel
+from slicevae_jax import staleness
 from slicevae_jax import segmenter as seg_lib
 from slicevae_jax import trainer
 from slicevae_jax import viz
 from slicevae_jax.data import nifti
-from slicevae_jax.data.cache import VolumeCache
+from slicevae_jax.data.cache import VolumeCache, to_stack
 from slicevae_jax.errors import DataError
 from slicevae_jax.metrics import frechet, mmd, ms_ssim, ras
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
+REAL_ROW_FILE = "real_row.json"
+RECON_NAME = "reconstructions of held-out volumes"
+REAL_DICE_FILE = "real_row_dice.npz"
 REPORT_FILE = "report.md"
 RAS_CHART = "ras_per_label.png"
 SAMPLES_DIR = "samples"      # where the sample stage writes (sample.SAMPLES_DIR)
@@ -93,10 +102,189 @@ def _finite_or_none(v: float) -> float | None:
 # Metrics on arrays.
 
 
+def _segment_fn(model: Any, variables: Any, slice_axis: int, mesh: Any, batch: int):
+  def segment(vols: np.ndarray) -> np.ndarray:
+    return seg_lib.segment_volumes(model, variables, vols, slice_axis, mesh, batch=batch)
+  return segment
+
+
+def _prepare_real(config: ml_collections.ConfigDict, real: Any, real_labels: Any,
+                  num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+  e = config.eval
+  real = _first(np.asarray(real, np.float32), int(e.num_real))
+  real_labels = _first(np.asarray(real_labels), int(e.num_real))
+  _check_arrays(real[:1], real, real_labels, num_labels)
+  return real, real_labels
+
+
+def _kwon_row(kwon: dict[str, Any], batch: int, repeats: int, n: int, m: int) -> dict[str, Any]:
+  """The Kwon MMD entry; a spread of exactly 0 is flagged, not reported as a figure.
+
+  With N = B real volumes the real batch of every pass is the same set, and with at most B
+  generated volumes so is the generated one: every pass then gives the same number and
+  '± 0' would claim a precision the protocol did not measure.
+  """
+  out = _stats(kwon, batch=batch, repeats=repeats)
+  values = np.asarray(kwon.get("values", []), np.float64)
+  degenerate = values.size > 1 and float(np.ptp(values)) <= 1e-12 * max(abs(values[0]), 1.0)
+  out["degenerate"] = bool(degenerate)
+  if degenerate:
+    logging.warning("Kwon MMD: every pass gave the same value (%d real, %d generated volumes, "
+                    "batch %d): the spread is not measured; evaluate against more real volumes "
+                    "(eval.num_real, data.num_val >= 2 x eval.mmd_batch)", m, n, batch)
+  return out
+
+
+def score_real(config: ml_collections.ConfigDict, real: Any, real_labels: Any,
+               segmenter: tuple[Any, Any], label_names: list[str], slice_axis: int, *,
+               mesh: Any = None) -> dict[str, Any]:
+  """The 'Real' row of Table 1: what the protocol gives between real volumes.
+
+  MS-SSIM over pairs of real volumes; the RAS upper bound (first half of the real set,
+  segmented by the U-Net, registered to the second half); Gaussian MMD and segmenter FD
+  between the halves. It depends only on the real set, the segmenter and `eval`, so a workdir
+  computes it once for all the rows it scores (`evaluate_workdir`).
+  """
+  e = config.eval
+  reg_kwargs = _check_eval_config(e)
+  real, real_labels = _prepare_real(config, real, real_labels, len(label_names))
+  model, variables = segmenter
+  mesh = mesh or parallel.make_mesh()
+  m, half, k = len(real), len(real) // 2, len(label_names)
+  root = jax.random.key(int(e.seed))
+  real_row: dict[str, Any] = {"name": "Real", "num_volumes": m, "halves": [half, m - half]}
+  if half >= 2:
+    value, sigma = mmd.gaussian_mmd(real[:half], real[half:], return_bandwidth=True)
+    real_row["mmd_gaussian"] = {"value": float(value), "bandwidth": float(sigma)}
+  if min(real.shape[1:]) >= MIN_MS_SSIM_SIZE and m >= 2:
+    _ms_ssim_fields(e, real, jax.random.fold_in(root, 2), real_row)
+  segment = _segment_fn(model, variables, slice_axis, mesh, int(e.segment_batch))
+  if half >= 1:
+    upper = ras.ras_real_vs_real(real[:half], real[half:], real_labels[half:], segment, k,
+                                 pair_batch=int(e.pair_batch), **reg_kwargs)
+    real_row["ras"] = {"mean": _finite_or_none(upper["ras"]),
+                       "per_label": _label_dict(label_names, upper["per_label"]),
+                       "num_pairs": upper["num_pairs"], "moving": half, "fixed": m - half}
+    real_row["_dice"] = upper["dice"]
+  else:
+    logging.warning("RAS upper bound skipped: it needs at least 2 real volumes, got %d", m)
+  if half >= 2:
+    feats = _features(config, segmenter, real, slice_axis, mesh)
+    real_row["segmenter_fd"] = {"value": frechet.frechet_distance(feats[:half], feats[half:]),
+                                "dim": int(feats.shape[1]), "slabs": int(e.fd_slabs)}
+  return real_row
+
+
+def _ms_ssim_fields(e: ml_collections.ConfigDict, vols: np.ndarray, pair_key: jax.Array,
+                    target: dict[str, Any]) -> None:
+  """MS-SSIM diversity of one set, correct and Kwon modes over the same random pairs."""
+  pairs, pb = int(e.msssim_pairs), int(e.msssim_batch)
+  for field, kwon_mode in (("ms_ssim", False), ("ms_ssim_kwon", True)):
+    r = ms_ssim.pairwise_ms_ssim(vols, pairs, pair_key, batch=pb, kwon=kwon_mode)
+    target[field] = _stats(r, pairs=pairs)
+
+
+def _features(config: ml_collections.ConfigDict, segmenter: tuple[Any, Any], vols: np.ndarray,
+              slice_axis: int, mesh: Any) -> np.ndarray:
+  model, variables = segmenter
+  return frechet.segmenter_features(model, variables, vols, slice_axis,
+                                    slabs=int(config.eval.fd_slabs),
+                                    batch=int(config.eval.segment_batch), mesh=mesh)
+
+
+def score_generated(config: ml_collections.ConfigDict, generated: Any, real: Any,
+                    real_labels: Any, segmenter: tuple[Any, Any], label_names: list[str],
+                    slice_axis: int, name: str = "ours", *, mesh: Any = None
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """One model's row of Table 1 against the real set, and the arrays behind it.
+
+  Returns (row, arrays): row holds mmd_kwon {mean, std, batch, repeats, degenerate},
+  mmd_gaussian {value, bandwidth}, ms_ssim / ms_ssim_kwon {mean, std, pairs}, ras {mean,
+  per_label, per_volume, num_pairs} and segmenter_fd {value, dim, slabs}; arrays holds the
+  U-Net labels of the generated volumes, the per-pair Dice and the segmenter features.
+  """
+  e = config.eval
+  reg_kwargs = _check_eval_config(e)
+  generated = _first(np.asarray(generated, np.float32), int(e.num_generated))
+  real, real_labels = _prepare_real(config, real, real_labels, len(label_names))
+  _check_arrays(generated, real, real_labels, len(label_names))
+  mesh = mesh or parallel.make_mesh()
+  n, m, k = len(generated), len(real), len(label_names)
+  grid = tuple(int(s) for s in generated.shape[1:])
+  root = jax.random.key(int(e.seed))
+  logging.info("evaluating %s: %d generated vs %d real volumes of %s", name, n, m, grid)
+
+  # --- MMD (Kwon protocol) and the normalised Gaussian-kernel MMD.
+  batch = min(int(e.mmd_batch), m)
+  if batch < int(e.mmd_batch):
+    logging.warning("MMD: only %d real volumes, batch lowered from %d to %d (values are not "
+                    "comparable with batch-%d numbers)", m, e.mmd_batch, batch, e.mmd_batch)
+  kwon = mmd.kwon_mmd_protocol(real, generated, key=jax.random.fold_in(root, 0), batch=batch,
+                               repeats=int(e.mmd_repeats))
+  row: dict[str, Any] = {"name": name, "num_generated": n, "num_real": m, "grid": list(grid)}
+  row["mmd_kwon"] = _kwon_row(kwon, batch, int(e.mmd_repeats), n, m)
+  if n >= 2 and m >= 2:
+    value, sigma = mmd.gaussian_mmd(generated, real, return_bandwidth=True)
+    row["mmd_gaussian"] = {"value": float(value), "bandwidth": float(sigma)}
+
+  # --- MS-SSIM diversity: the same random pairs in both modes.
+  if min(grid) >= MIN_MS_SSIM_SIZE:
+    if n >= 2:
+      _ms_ssim_fields(e, generated, jax.random.fold_in(root, 1), row)
+  else:
+    logging.warning("MS-SSIM skipped: the grid %s is under %d voxels on some axis", grid,
+                    MIN_MS_SSIM_SIZE)
+
+  # --- RAS: every generated volume, segmented by the U-Net, registered to every real one.
+  segment = _segment_fn(segmenter[0], segmenter[1], slice_axis, mesh, int(e.segment_batch))
+  gen_labels = segment(generated)
+  gen_ras = ras.realistic_atlas_score(generated, real, real_labels, segment, k,
+                                      moving_labels=gen_labels, pair_batch=int(e.pair_batch),
+                                      **reg_kwargs)
+  row["ras"] = {"mean": _finite_or_none(gen_ras["ras"]),
+                "per_label": _label_dict(label_names, gen_ras["per_label"]),
+                "per_volume": [_finite_or_none(v) for v in gen_ras["per_volume"]],
+                "num_pairs": gen_ras["num_pairs"]}
+
+  # --- Segmenter Fréchet distance: features of both sets in one call.
+  feats = _features(config, segmenter, np.concatenate([generated, real]), slice_axis, mesh)
+  f_gen, f_real = feats[:n], feats[n:]
+  if n >= 2 and m >= 2:
+    row["segmenter_fd"] = {"value": frechet.frechet_distance(f_gen, f_real),
+                           "dim": int(feats.shape[1]), "slabs": int(e.fd_slabs)}
+  arrays = {"labels": gen_labels, "dice": gen_ras["dice"], "features": f_gen}
+  return row, arrays
+
+
+def write_row_figures(config: ml_collections.ConfigDict, row: dict[str, Any],
+                      generated: np.ndarray, gen_labels: np.ndarray, real: np.ndarray,
+                      real_labels: np.ndarray, label_names: list[str], out_dir: str) -> None:
+  """The row's Fig. 3 overlay and sample montage in out_dir; their names go into the row."""
+  e = config.eval
+  os.makedirs(out_dir, exist_ok=True)
+  slug = _slug(row["name"])
+  row["figures"] = {"overlay": f"overlay_{slug}.png", "montage": f"samples_{slug}.png"}
+  # write_report links figures relative to its own folder, which may be another one.
+  row["figures_dir"] = os.path.abspath(out_dir)
+  n = len(generated)
+  panels = [(f"{row['name']} {i}", generated[i], gen_labels[i])
+            for i in range(min(int(e.num_figures), n))]
+  panels.append(("real (true labels)", real[0], real_labels[0]))
+  save_overlays(os.path.join(out_dir, row["figures"]["overlay"]), panels, label_names)
+  save_montage(os.path.join(out_dir, row["figures"]["montage"]),
+               generated[:max(2 * int(e.num_figures), 1)])
+
+
+def _public(real_row: dict[str, Any]) -> dict[str, Any]:
+  """The real row without its private arrays (keys starting with '_')."""
+  return {k: v for k, v in real_row.items() if not k.startswith("_")}
+
+
 def evaluate_volumes(config: ml_collections.ConfigDict, generated: Any, real: Any,
                      real_labels: Any, segmenter: tuple[Any, Any], label_names: list[str],
                      slice_axis: int, out_dir: str, name: str = "ours", *,
-                     mesh: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                     mesh: Any = None, extra: dict[str, Any] | None = None,
+                     real_row: dict[str, Any] | None = None) -> dict[str, Any]:
   """Every metric of one model's volumes, plus metrics.json, report.md and PNGs in out_dir.
 
   Args:
@@ -111,129 +299,58 @@ def evaluate_volumes(config: ml_collections.ConfigDict, generated: Any, real: An
     name: the model's name in the report's table.
     mesh: device mesh for the segmenter (default: all devices).
     extra: JSON-able facts recorded under 'source' in metrics.json (file names, steps).
+    real_row: a `score_real` result for the same real set, segmenter and settings, to reuse
+      instead of computing it again.
 
   Returns:
-    {'model': the model's row, 'real': the real row, 'label_names', 'settings', 'source'}
-    — the contents of metrics.json. Rows hold mmd_kwon {mean, std, batch, repeats},
-    mmd_gaussian {value, bandwidth}, ms_ssim / ms_ssim_kwon {mean, std, pairs},
-    ras {mean, per_label {name: dice}, ...} and segmenter_fd {value, dim, ...}; the real row
-    has MS-SSIM of real pairs, the RAS upper bound and half-vs-half MMD and FD.
+    {'model': the model's row, 'rows': [that row], 'real': the real row, 'label_names',
+    'settings', 'source'} — the contents of metrics.json (see `score_generated` and
+    `score_real` for the rows).
+  """
+  mesh = mesh or parallel.make_mesh()
+  row, arrays = score_generated(config, generated, real, real_labels, segmenter, label_names,
+                                slice_axis, name, mesh=mesh)
+  if real_row is None:
+    real_row = score_real(config, real, real_labels, segmenter, label_names, slice_axis,
+                          mesh=mesh)
+  generated = _first(np.asarray(generated, np.float32), int(config.eval.num_generated))
+  real, real_labels = _prepare_real(config, real, real_labels, len(label_names))
+  return write_results(config, [(row, arrays, generated)], real_row, real, real_labels,
+                       label_names, slice_axis, out_dir, extra)
+
+
+def write_results(config: ml_collections.ConfigDict,
+                  scored: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]],
+                  real_row: dict[str, Any], real: np.ndarray, real_labels: np.ndarray,
+                  label_names: list[str], slice_axis: int, out_dir: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """metrics.json, report.md, figures and the per-pair Dice of scored rows, first row first.
+
+  scored: (row, arrays from `score_generated`, the row's volumes) per row.
   """
   e = config.eval
-  reg_kwargs = _check_eval_config(e)
-  generated = _first(np.asarray(generated, np.float32), int(e.num_generated))
-  real = _first(np.asarray(real, np.float32), int(e.num_real))
-  real_labels = _first(np.asarray(real_labels), int(e.num_real))
-  _check_arrays(generated, real, real_labels, len(label_names))
-  model, variables = segmenter
-  mesh = mesh or parallel.make_mesh()
-  n, m = len(generated), len(real)
-  k = len(label_names)
-  grid = tuple(int(s) for s in generated.shape[1:])
-  root = jax.random.key(int(e.seed))
-  logging.info("evaluating %s: %d generated vs %d real volumes of %s", name, n, m, grid)
-
-  # --- MMD (Kwon protocol) and the normalised Gaussian-kernel MMD.
-  batch = min(int(e.mmd_batch), m)
-  if batch < int(e.mmd_batch):
-    logging.warning("MMD: only %d real volumes, batch lowered from %d to %d (values are not "
-                    "comparable with batch-%d numbers)", m, e.mmd_batch, batch, e.mmd_batch)
-  kwon = mmd.kwon_mmd_protocol(real, generated, key=jax.random.fold_in(root, 0), batch=batch,
-                               repeats=int(e.mmd_repeats))
-  row: dict[str, Any] = {"name": name, "num_generated": n, "num_real": m, "grid": list(grid)}
-  row["mmd_kwon"] = _stats(kwon, batch=batch, repeats=int(e.mmd_repeats))
-  half = m // 2
-  real_row: dict[str, Any] = {"name": "Real", "num_volumes": m, "halves": [half, m - half]}
-  if n >= 2 and m >= 2:
-    value, sigma = mmd.gaussian_mmd(generated, real, return_bandwidth=True)
-    row["mmd_gaussian"] = {"value": float(value), "bandwidth": float(sigma)}
-  if half >= 2:
-    value, sigma = mmd.gaussian_mmd(real[:half], real[half:], return_bandwidth=True)
-    real_row["mmd_gaussian"] = {"value": float(value), "bandwidth": float(sigma)}
-
-  # --- MS-SSIM diversity: the same random pairs in both modes.
-  if min(grid) >= MIN_MS_SSIM_SIZE:
-    pairs, pb = int(e.msssim_pairs), int(e.msssim_batch)
-    for key_id, vols, target in ((1, generated, row), (2, real, real_row)):
-      if len(vols) < 2:
-        continue
-      pair_key = jax.random.fold_in(root, key_id)
-      for field, kwon_mode in (("ms_ssim", False), ("ms_ssim_kwon", True)):
-        r = ms_ssim.pairwise_ms_ssim(vols, pairs, pair_key, batch=pb, kwon=kwon_mode)
-        target[field] = _stats(r, pairs=pairs)
-  else:
-    logging.warning("MS-SSIM skipped: the grid %s is under %d voxels on some axis", grid,
-                    MIN_MS_SSIM_SIZE)
-
-  # --- Segment the generated volumes and real half A in one call (one compile).
-  def segment(vols: np.ndarray) -> np.ndarray:
-    return seg_lib.segment_volumes(model, variables, vols, slice_axis, mesh,
-                                   batch=int(e.segment_batch))
-
-  real_a, real_b, real_b_labels = real[:half], real[half:], real_labels[half:]
-  both = segment(np.concatenate([generated, real_a]))
-  gen_labels, real_a_pred = both[:n], both[n:]
-
-  # --- RAS: generated -> every real volume; upper bound: real half A -> real half B.
-  gen_ras = ras.realistic_atlas_score(generated, real, real_labels, segment, k,
-                                      moving_labels=gen_labels, pair_batch=int(e.pair_batch),
-                                      **reg_kwargs)
-  row["ras"] = {"mean": _finite_or_none(gen_ras["ras"]),
-                "per_label": _label_dict(label_names, gen_ras["per_label"]),
-                "per_volume": [_finite_or_none(v) for v in gen_ras["per_volume"]],
-                "num_pairs": gen_ras["num_pairs"]}
-  upper = None
-  if half >= 1:
-    upper = ras.ras_real_vs_real(real_a, real_b, real_b_labels, segment, k,
-                                 moving_labels=real_a_pred, pair_batch=int(e.pair_batch),
-                                 **reg_kwargs)
-    real_row["ras"] = {"mean": _finite_or_none(upper["ras"]),
-                       "per_label": _label_dict(label_names, upper["per_label"]),
-                       "num_pairs": upper["num_pairs"], "moving": half, "fixed": m - half}
-  else:
-    logging.warning("RAS upper bound skipped: it needs at least 2 real volumes, got %d", m)
-
-  # --- Segmenter Fréchet distance: features of both sets in one call.
-  slabs = int(e.fd_slabs)
-  feats = frechet.segmenter_features(model, variables, np.concatenate([generated, real]),
-                                     slice_axis, slabs=slabs, batch=int(e.segment_batch),
-                                     mesh=mesh)
-  f_gen, f_real = feats[:n], feats[n:]
-  if n >= 2 and m >= 2:
-    row["segmenter_fd"] = {"value": frechet.frechet_distance(f_gen, f_real),
-                           "dim": int(feats.shape[1]), "slabs": slabs}
-  if half >= 2:
-    real_row["segmenter_fd"] = {"value": frechet.frechet_distance(f_real[:half], f_real[half:]),
-                                "dim": int(feats.shape[1]), "slabs": slabs}
-
+  rows = [r for r, _, _ in scored]
   settings = {"eval": _plain(e), "seed": int(e.seed), "slice_axis": int(slice_axis)}
-  result = {"model": row, "real": real_row, "label_names": list(label_names),
-            "settings": settings, "source": dict(extra or {})}
+  result = {"model": rows[0], "rows": rows, "real": _public(real_row),
+            "label_names": list(label_names), "settings": settings, "source": dict(extra or {})}
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    slug = _slug(name)
-    row["figures"] = {"overlay": f"overlay_{slug}.png", "montage": f"samples_{slug}.png"}
-    # write_report links figures relative to its own folder, which may be another one.
-    row["figures_dir"] = os.path.abspath(out_dir)
-    panels = [(f"{name} {i}", generated[i], gen_labels[i])
-              for i in range(min(int(e.num_figures), n))]
-    panels.append(("real (true labels)", real[0], real_labels[0]))
-    save_overlays(os.path.join(out_dir, row["figures"]["overlay"]), panels, label_names)
-    save_montage(os.path.join(out_dir, row["figures"]["montage"]),
-                 generated[:max(2 * int(e.num_figures), 1)])
-    arrays = {"dice_generated": gen_ras["dice"], "features_generated": f_gen,
-              "features_real": f_real}
-    if upper is not None:
-      arrays["dice_real_vs_real"] = upper["dice"]
-    fileio.save_npz(os.path.join(out_dir, f"ras_dice_{slug}.npz"), **arrays)
+    for row, arrays, volumes in scored:
+      write_row_figures(config, row, volumes, arrays["labels"], real, real_labels, label_names,
+                        out_dir)
+      saved = {"dice_generated": arrays["dice"], "features_generated": arrays["features"]}
+      if "_dice" in real_row:
+        saved["dice_real_vs_real"] = real_row["_dice"]
+      fileio.save_npz(os.path.join(out_dir, f"ras_dice_{_slug(row['name'])}.npz"), **saved)
     fileio.write_json(os.path.join(out_dir, METRICS_FILE), result)
-    write_report([row], real_row, out_dir, label_names=list(label_names),
+    write_report(rows, result["real"], out_dir, label_names=list(label_names),
                  notes=_notes(settings))
-  logging.info("%s: MMD %s ± %s, MS-SSIM %s, RAS %s (real-vs-real %s), segmenter FD %s",
-               name, _fmt(row["mmd_kwon"]["mean"]), _fmt(row["mmd_kwon"]["std"]),
-               _fmt(row.get("ms_ssim", {}).get("mean")), _fmt(row["ras"]["mean"]),
-               _fmt(real_row.get("ras", {}).get("mean")),
-               _fmt(row.get("segmenter_fd", {}).get("value")))
+  for row in rows:
+    logging.info("%s: MMD %s ± %s, MS-SSIM %s, RAS %s (real-vs-real %s), segmenter FD %s",
+                 row["name"], _fmt(row["mmd_kwon"]["mean"]), _fmt(row["mmd_kwon"]["std"]),
+                 _fmt(row.get("ms_ssim", {}).get("mean")), _fmt(row["ras"]["mean"]),
+                 _fmt(real_row.get("ras", {}).get("mean")),
+                 _fmt(row.get("segmenter_fd", {}).get("value")))
   return result
 
 
@@ -376,6 +493,8 @@ def save_ras_chart(path: str, rows: list[dict[str, Any]], real_row: dict[str, An
 def _pm(d: dict[str, Any] | None, digits: int) -> str:
   if not d or d.get("mean") is None:
     return "—" if not d else "n/a (NaN)"
+  if d.get("degenerate"):
+    return f"{d['mean']:.{digits}f} (one fixed batch: no spread)"
   std = "" if d.get("std") is None else f" ± {d['std']:.{digits}f}"
   return f"{d['mean']:.{digits}f}{std}"
 
@@ -426,6 +545,25 @@ def _ras_table(rows: list[dict[str, Any]], real_row: dict[str, Any] | None,
   return out
 
 
+def _reading_notes(rows: list[dict[str, Any]]) -> list[str]:
+  """How to read the extra rows: which part of the model limits the samples."""
+  kinds = {r.get("kind") for r in rows}
+  out = []
+  if "latent model" in kinds or "reconstructions" in kinds:
+    out += ["Rows below the first score the same trained decoder fed differently: samples of "
+            "each latent model fitted on the same checkpoint (the first row is the configured "
+            "model's samples), and the held-out volumes' own posterior means decoded "
+            "(reconstructions). The reconstructions are what the decoder can do at best: if "
+            "they score far from the Real row too, the decoder limits the samples; if they "
+            "score close to it and the samples do not, the latent model does.", ""]
+  for r in rows:
+    rec = r.get("reconstruction")
+    if rec:
+      out += [f"Reconstruction error of the {rec['num_volumes']} held-out volumes: MSE "
+              f"{rec['mse']:.5f}, PSNR {rec['psnr']:.2f} dB (peak 1).", ""]
+  return out
+
+
 def _link(row: dict[str, Any], filename: str, out_dir: str) -> str:
   """A figure's path relative to the report's folder."""
   folder = row.get("figures_dir")
@@ -462,6 +600,7 @@ def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None,
            + ", ".join(f"{r['name']}: {r.get('num_generated', '?')} generated" for r in results)
            + f"; {results[0].get('num_real', '?')} real held-out volumes.", ""]
   md += ["## Table 1", "", table_markdown(results, real_row)]
+  md += _reading_notes(results)
   md += [
       "MMD (Kwon): Kwon et al.'s minibatch MMD, mean ± std over passes (lower is closer to "
       "the real distribution). MS-SSIM: mean ± std over random pairs of one set (lower is more "
@@ -599,13 +738,68 @@ def labelled_val(cache: VolumeCache, limit: int) -> tuple[np.ndarray, np.ndarray
   return real, labels, list(cache.manifest["label_names"])
 
 
+def _sources(workdir: str) -> dict[str, Any]:
+  """What the workdir's evaluation scores: the sample index and every latent file's digest."""
+  index = os.path.join(workdir, SAMPLES_DIR, "samples.json")
+  out: dict[str, Any] = {"samples": fileio.read_json(index) if os.path.exists(index) else None}
+  for kind, path in sorted(fit_latent_lib.latent_files(workdir).items()):
+    out.setdefault("latent_files", {})[kind] = staleness.file_sha256(path)
+  return out
+
+
 def is_current(workdir: str) -> bool:
-  """True when <workdir>/eval/metrics.json scores the samples now in <workdir>/samples/."""
+  """True when <workdir>/eval/metrics.json scores the samples and latent models now there."""
   metrics = os.path.join(workdir, EVAL_DIR, METRICS_FILE)
   index = os.path.join(workdir, SAMPLES_DIR, "samples.json")
   if not (os.path.exists(metrics) and os.path.exists(index)):
     return False
-  return fileio.read_json(metrics).get("source", {}).get("samples") == fileio.read_json(index)
+  source = fileio.read_json(metrics).get("source", {})
+  now = _sources(workdir)
+  return all(source.get(k) == v for k, v in now.items())
+
+
+def real_row_for(config: ml_collections.ConfigDict, workdir: str, real: np.ndarray,
+                 labels: np.ndarray, names: list[str], segmenter: tuple[Any, Any],
+                 slice_axis: int, identity: dict[str, Any], mesh: Any = None) -> dict[str, Any]:
+  """`score_real` of the workdir's real set, computed once and reused while it is current.
+
+  `identity` names what the row depends on (real volumes, segmenter step); with the eval
+  settings it is stored beside the row in <workdir>/eval/real_row.json (the per-pair Dice in
+  real_row_dice.npz), and a later call with the same identity reads the row back instead of
+  registering the real pairs again.
+  """
+  out_dir = os.path.join(workdir, EVAL_DIR)
+  path, dice_path = os.path.join(out_dir, REAL_ROW_FILE), os.path.join(out_dir, REAL_DICE_FILE)
+  key = dict(identity, eval=_plain(config.eval))
+  if os.path.exists(path):
+    saved = fileio.read_json(path)
+    if saved.get("key") == json.loads(json.dumps(key)) and os.path.exists(dice_path):
+      logging.info("real row: reusing %s", path)
+      row = saved["row"]
+      with np.load(dice_path) as npz:
+        row["_dice"] = npz["dice"]
+      return row
+  row = score_real(config, real, labels, segmenter, names, slice_axis, mesh=mesh)
+  if jax.process_index() == 0:
+    if "_dice" in row:
+      fileio.save_npz(dice_path, dice=row["_dice"])
+    fileio.write_json(path, {"key": key, "row": _public(row)})
+  return row
+
+
+def reconstruction_error(reconstructed: np.ndarray, real: np.ndarray) -> dict[str, float]:
+  """Mean squared error and PSNR (peak 1) of volumes in [0, 1] against their originals."""
+  err = np.mean(np.square(np.asarray(reconstructed, np.float64) - np.asarray(real, np.float64)),
+                axis=(1, 2, 3))
+  psnr = 10.0 * np.log10(1.0 / np.maximum(err, 1e-12))
+  return {"mse": float(err.mean()), "psnr": float(psnr.mean()), "num_volumes": int(len(err))}
+
+
+def _reconstructions(bundle: Any, real: np.ndarray, slice_axis: int) -> np.ndarray:
+  """Held-out volumes encoded to their posterior means and decoded: the decoder's best."""
+  stacks = np.stack([to_stack(v, slice_axis) for v in real])
+  latents = inference.encode_stacks(bundle, stacks, int(bundle.config.latent.encode_batch))
+  return inference.decode_latents(bundle, latents, int(bundle.config.sample.batch_volumes))
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
@@ -613,8 +807,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
   """The evaluate stage: <workdir>/samples/*.nii.gz vs the cache's 'val' volumes.
 
   Trains (or resumes) the RAS segmenter in <workdir>/segmenter/ when needed
-  (`ensure_segmenter`); writes <workdir>/eval/{metrics.json, report.md, *.png, *.npz}.
-  Returns `evaluate_volumes`'s dict.
+  (`ensure_segmenter`). For a slice VAE the table gets, beside the samples' row, a row for
+  the reconstructions of the held-out volumes (what the decoder can do at best,
+  eval.reconstructions) and a row for every other latent model fitted on the same checkpoint
+  (eval.latent_models, sampled with the samples' key), so the report shows whether the
+  decoder or the latent model limits the samples. The real row is computed once
+  (`real_row_for`). Writes <workdir>/eval/{metrics.json, report.md, *.png, *.npz}; returns
+  {'model': the samples' row, 'rows': every row, 'real': the real row, ...}.
   """
   e = config.eval
   _check_eval_config(e)
@@ -630,13 +829,46 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
                     f"{real.shape[1:]} of {cache.path}")
   mesh = mesh or parallel.make_mesh()
   seg = ensure_segmenter(config, workdir, cache, mesh)
-  index = os.path.join(sample_dir, "samples.json")
+  seg_steps = ckpt_lib.finished_steps(os.path.join(workdir, seg_lib.SUBDIR,
+                                                   trainer.CHECKPOINT_DIR))
+  val_ids = [cache.subjects[i]["id"] for i in cache.split("val")][:len(real)]
+  real_row = real_row_for(config, workdir, real, labels, names, seg, cache.slice_axis,
+                          {"real": val_ids, "cache": os.path.abspath(cache.path),
+                           "segmenter_step": max(seg_steps) if seg_steps else None}, mesh)
+
+  # The extra rows need the trained slice VAE (a folder of samples alone gets one row).
+  slice_vae = (config.model_type == "slice_vae"
+               and bool(ckpt_lib.finished_steps(os.path.join(workdir, trainer.CHECKPOINT_DIR)))
+               and bool(fit_latent_lib.latent_files(workdir)))
+  main_kind = config.latent.model
+  main_name = f"{config.name} ({main_kind} latent)" if slice_vae else config.name
+  sets: list[tuple[str, np.ndarray]] = [(main_name, generated)]
+  if slice_vae:
+    bundle = inference.load_for_inference(workdir, mesh=mesh)
+    key = jax.random.key(int(config.sample.seed))
+    for kind, path in fit_latent_lib.latent_files(workdir).items():
+      if kind == main_kind or kind not in e.latent_models:
+        continue
+      g, _ = lg.load(path)
+      other = dataclasses.replace(bundle, gaussian=g)
+      sets.append((f"{config.name} ({kind} latent)",
+                   inference.sample_volumes(other, key, len(generated))))
+    if e.reconstructions:
+      sets.append((RECON_NAME,
+                   _reconstructions(bundle, real, cache.slice_axis)))
+  scored = []
+  for i, (name, vols) in enumerate(sets):
+    row, arrays = score_generated(config, vols, real, labels, seg, names, cache.slice_axis,
+                                  name, mesh=mesh)
+    row["kind"] = "samples" if i == 0 else ("reconstructions" if name == RECON_NAME
+                                            else "latent model")
+    if name == RECON_NAME:
+      row["reconstruction"] = reconstruction_error(vols, real)
+    scored.append((row, arrays, vols))
   source = {"generated": [os.path.basename(p) for p in paths], "real_cache": cache.path,
-            "segmenter_workdir": os.path.abspath(workdir),
-            "samples": fileio.read_json(index) if os.path.exists(index) else None}
-  return evaluate_volumes(config, generated, real, labels, seg, names, cache.slice_axis,
-                          os.path.join(workdir, EVAL_DIR), name=config.name, mesh=mesh,
-                          extra=source)
+            "segmenter_workdir": os.path.abspath(workdir), **_sources(workdir)}
+  return write_results(config, scored, real_row, real, labels, names, cache.slice_axis,
+                       os.path.join(workdir, EVAL_DIR), source)
 
 
 def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real_dir: str,

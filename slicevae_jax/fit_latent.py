@@ -2,7 +2,10 @@
 
 Reads the cache and the newest checkpoint, writes `<workdir>/latent_gaussian.npz`
 (mean, W, singular values and the metadata sampling needs: slice axis, grid,
-voxel size, affine, checkpoint step), so sampling never re-encodes volumes.
+voxel size, affine, checkpoint step), so sampling never re-encodes volumes. The
+meta also records what the fit depends on (`fit_inputs`: checkpoint step,
+requested rank and count, latent model, BN mode, seed); `--mode=all` refits when
+any of them changed.
 """
 
 import os
@@ -16,6 +19,8 @@ from absl import logging
 from slicevae_jax import inference
 from slicevae_jax import latent_gaussian as lg
 from slicevae_jax import parallel
+from slicevae_jax import rng
+from slicevae_jax import staleness
 from slicevae_jax.data.cache import VolumeCache
 
 
@@ -45,16 +50,71 @@ def latent_meta(config, cache: VolumeCache, step: int, subjects: list[int],
   }
 
 
-def is_current(workdir: str, step: int) -> bool:
-  """True if the latent file exists and was fitted from checkpoint `step`."""
-  path = os.path.join(workdir, inference.LATENT_FILE)
+def fit_inputs(config: ml_collections.ConfigDict, step: int, model: str | None = None) -> dict:
+  """What a fit depends on besides the cache (which `pipeline` checks): its meta['fit_inputs'].
+
+  The requested rank and count, not the ones a small set allows, so an unchanged
+  config stays current. `model` defaults to latent.model (the main file's).
+  """
+  return {
+      "checkpoint_step": int(step),
+      "rank_requested": int(config.latent.rank),
+      "num_volumes_requested": int(config.latent.num_volumes),
+      "model": str(model or config.latent.model),
+      "bn_mode": str(config.model.bn_mode),   # encoding at inference depends on it
+      "seed": int(config.seed),               # which training volumes are encoded
+  }
+
+
+def extra_models(config: ml_collections.ConfigDict) -> list[str]:
+  """Latent models fitted beside latent.model for the report's rows (eval.latent_models)."""
+  if not config.eval.reconstructions and not config.eval.latent_models:
+    return []
+  return [k for k in dict.fromkeys(config.eval.latent_models) if k != config.latent.model]
+
+
+def extra_path(workdir: str, kind: str) -> str:
+  """Where a latent model fitted only for the report's rows lives: latent_<kind>.npz."""
+  return os.path.join(workdir, f"latent_{kind}.npz")
+
+
+def latent_files(workdir: str) -> dict[str, str]:
+  """{model kind: path} of every latent model file in the workdir, the main one first."""
+  out = {}
+  main = os.path.join(workdir, inference.LATENT_FILE)
+  if os.path.exists(main):
+    try:
+      _, meta = lg.load(main)
+      out[meta.get("model", "per_dim")] = main
+    except Exception:  # pylint: disable=broad-except
+      pass
+  for kind in lg.MODELS:
+    path = extra_path(workdir, kind)
+    if kind not in out and os.path.exists(path):
+      out[kind] = path
+  return out
+
+
+def _file_current(path: str, wanted: dict) -> bool:
   if not os.path.exists(path):
     return False
   try:
     _, meta = lg.load(path)
   except Exception:  # pylint: disable=broad-except
     return False
-  return meta.get("checkpoint_step") == step
+  return not staleness.stale(path, meta.get("fit_inputs", {}), wanted)
+
+
+def is_current(workdir: str, config: ml_collections.ConfigDict, step: int) -> bool:
+  """True if the latent file(s) exist and were fitted with `fit_inputs(config, step)`.
+
+  The main file (latent.model) and one file per other model of eval.latent_models.
+  Logs (INFO) what changed when one was not; a file without the record is stale.
+  """
+  if not _file_current(os.path.join(workdir, inference.LATENT_FILE), fit_inputs(config, step)):
+    return False
+  return all(_file_current(extra_path(workdir, k), fit_inputs(config, step, k))
+             for k in extra_models(config))
 
 
 def fit_latent(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
@@ -64,8 +124,8 @@ def fit_latent(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCac
   bundle = inference.load_for_inference(workdir, mesh=mesh, require_latent=False)
   train_ids = cache.split("train")
   n = min(int(config.latent.num_volumes), len(train_ids))
-  rng = np.random.default_rng([config.seed, 4099])
-  subjects = sorted(rng.choice(train_ids, size=n, replace=False).tolist())
+  choose = rng.generator(config.seed, "latent_subjects")
+  subjects = sorted(choose.choice(train_ids, size=n, replace=False).tolist())
   if n < config.latent.num_volumes:
     logging.warning("latent fit: only %d training volumes (asked for %d)", n,
                     config.latent.num_volumes)
@@ -77,15 +137,24 @@ def fit_latent(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCac
     stacks = np.stack([cache.stack(i) for i in subjects[start:start + chunk]])
     ys.append(inference.encode_stacks(bundle, stacks, config.latent.encode_batch))
   y = np.concatenate(ys)                                          # [N, S, L]
-  t1 = time.perf_counter()
-  g = lg.fit(y, int(config.latent.rank), model=config.latent.model)
-  jax.block_until_ready(g.W)
-  t2 = time.perf_counter()
-  meta = latent_meta(config, cache, bundle.step, subjects, g)
-  meta.update(encode_seconds=t1 - t0, fit_seconds=t2 - t1)
-  if jax.process_index() == 0:
-    lg.save(os.path.join(workdir, inference.LATENT_FILE), g, meta)
-  logging.info("latent Gaussian: N=%d, S=%d, L=%d, rank %d, %.1f%% variance kept; "
-               "encode %.1fs, SVD %.1fs", n, y.shape[1], y.shape[2], meta["rank"],
-               100 * meta["explained_variance"], t1 - t0, t2 - t1)
-  return g
+  encode_seconds = time.perf_counter() - t0
+  # The main model, then the others the report compares on the same codes.
+  main = None
+  for kind in [config.latent.model] + extra_models(config):
+    t1 = time.perf_counter()
+    g = lg.fit(y, int(config.latent.rank), model=kind)
+    jax.block_until_ready(g.W)
+    t2 = time.perf_counter()
+    meta = latent_meta(config, cache, bundle.step, subjects, g)
+    meta.update(encode_seconds=encode_seconds, fit_seconds=t2 - t1)
+    meta["fit_inputs"] = fit_inputs(config, bundle.step, kind)
+    path = (os.path.join(workdir, inference.LATENT_FILE) if main is None
+            else extra_path(workdir, kind))
+    if jax.process_index() == 0:
+      lg.save(path, g, meta)
+    logging.info("latent model %s: N=%d, S=%d, L=%d, rank %d, %.1f%% variance kept; fit %.1fs "
+                 "-> %s", kind, n, y.shape[1], y.shape[2], meta["rank"],
+                 100 * meta["explained_variance"], t2 - t1, os.path.basename(path))
+    main = g if main is None else main
+  logging.info("latent fit: %d volumes encoded in %.1fs", n, encode_seconds)
+  return main

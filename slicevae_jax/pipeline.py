@@ -24,12 +24,16 @@ from slicevae_jax import fit_latent as fit_latent_lib
 from slicevae_jax import inference
 from slicevae_jax import parallel
 from slicevae_jax import sample as sample_lib
+from slicevae_jax import staleness
 from slicevae_jax import train as train_lib
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import ConfigError, DataError
 
 # Config groups that must not change under an existing checkpoint.
 _FROZEN = ("model_type", "model", "baseline", "data.grid", "data.slice_axis")
+# Keys inside them that only inference reads: a trained workdir may switch them
+# (the latent fit and the samples record them, so `all` redoes those stages).
+_UNFROZEN = ("model.bn_mode",)
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -82,28 +86,84 @@ def _wait_for(path: str, seconds: float) -> VolumeCache:
   return VolumeCache(path)
 
 
+# Cache record keys (manifest top level, then 'settings' flattened with '.') -> what to change.
+_CACHE_NAMES = {
+    "seed": "seed",
+    "dtype": "data.cache_dtype",
+    "generator_version": "synth.GENERATOR_VERSION (the synthetic generator's code)",
+    "preprocess_version": "preprocess.PREPROCESS_VERSION (the preprocessing code)",
+}
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in settings.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _cache_record(config: ml_collections.ConfigDict) -> dict:
+  """What a cache built from `config` records, flattened as `_check_cache` compares it.
+
+  The builder's own settings (`preprocess._settings` or `synth._settings`: voxel
+  size, intensity recipe, label map, synthetic settings and generator version...)
+  plus the manifest's grid, slice axis, dtype and source.
+  """
+  # pylint: disable=import-outside-toplevel,protected-access
+  d = config.data
+  if d.source == "synthetic":
+    from slicevae_jax.data import synth
+    settings = synth._settings(config)
+  else:
+    from slicevae_jax.data import preprocess
+    settings = preprocess._settings(d)
+  g = int(d.grid)
+  return {**_flatten(settings), "grid": [g, g, g], "slice_axis": int(d.slice_axis),
+          "dtype": str(d.cache_dtype), "source": str(d.source)}
+
+
 def _check_cache(config, cache: VolumeCache) -> None:
-  g = int(config.data.grid)
-  if cache.grid != (g, g, g) or cache.slice_axis != config.data.slice_axis:
+  """Refuses a cache built with other data settings than `config`'s (ConfigError).
+
+  Settings an older cache does not record cannot be checked: logged, not refused.
+  """
+  m = cache.manifest
+  recorded = {**_flatten(m.get("settings") or {}),
+              **{k: m[k] for k in ("grid", "slice_axis", "dtype", "source") if k in m}}
+  wanted = _cache_record(config)
+  changed, missing = staleness.changes(recorded, wanted)
+  if missing:
+    logging.warning("%s does not record %s; cannot check them against the config", cache.path,
+                    ", ".join(_CACHE_NAMES.get(k, "data." + k) for k in missing))
+  if changed:
+    diffs = "; ".join(f"{_CACHE_NAMES.get(k, 'data.' + k)}: cached {recorded[k]!r}, "
+                      f"configured {wanted[k]!r}" for k in changed)
     raise ConfigError(
-        f"{cache.path}: cache grid {cache.grid} / slice axis {cache.slice_axis} do not match "
-        f"data.grid={g} / data.slice_axis={config.data.slice_axis}; use another "
-        f"data.cache_dir or delete the cache")
+        f"{cache.path} was built with other data settings ({diffs}); use another "
+        f"data.cache_dir (or --workdir), or delete {cache.path} to rebuild it with these")
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _frozen_part(flat: dict, key: str):
+  """The value of dotted `key` in a config read as JSON, less the `_UNFROZEN` keys inside it."""
+  value = flat
+  for part in key.split("."):
+    value = value.get(part) if isinstance(value, dict) else None
+  if isinstance(value, dict):
+    value = {k: v for k, v in value.items() if f"{key}.{k}" not in _UNFROZEN}
+  return value
+
+
 def _frozen_diff(old: dict, new: dict) -> list[str]:
-  diffs = []
-  for key in _FROZEN:
-    a, b = old, new
-    for part in key.split("."):
-      a, b = a.get(part), b.get(part)
-    if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-      diffs.append(key)
-  return diffs
+  return [key for key in _FROZEN
+          if json.dumps(_frozen_part(old, key), sort_keys=True)
+          != json.dumps(_frozen_part(new, key), sort_keys=True)]
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -177,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   if slice_vae and (mode == "fit_latent" or everything):
     if step is None:
       raise DataError(f"{workdir}: no checkpoint; run --mode=train first")
-    if everything and fit_latent_lib.is_current(workdir, step):
+    if everything and fit_latent_lib.is_current(workdir, config, step):
       logging.info("fit_latent: current for step %d, skipped", step)
     else:
       fit_latent_lib.fit_latent(config, workdir, cache, mesh)

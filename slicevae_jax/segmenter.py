@@ -6,9 +6,11 @@ VAE (resume, logs, non-finite guard) in `<workdir>/segmenter/`. Validation
 reports the Dice per label on held-out volumes, segmented slice by slice.
 """
 
+import math
 import os
 from typing import Any
 
+import dm_pix as pix
 import flax
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ import optax
 
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import parallel
+from slicevae_jax import rng
 from slicevae_jax import trainer
 from slicevae_jax import viz
 from slicevae_jax.data import slices as slices_lib
@@ -58,6 +61,26 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
            + np.bincount(truth, minlength=num_classes)[:num_classes])
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(total > 0, 2.0 * inter / total, np.nan)
+
+
+def augment(images: jax.Array, key: jax.Array, blur_max: float) -> jax.Array:
+  """Blur and contrast changes of training slices [B, H, W, 1] in [0, 1], per slice.
+
+  Half of the slices are blurred by a Gaussian of σ uniform in [0.5, blur_max] pixels (dm-pix)
+  and every slice gets a gamma in [1/1.3, 1.3], so the segmenter reads anatomy rather than
+  the sharpness and contrast of one scanner: it then labels a smooth generated or
+  reconstructed slice by its structures instead of failing on its texture. The labels are
+  unchanged (both maps keep the geometry).
+  """
+  k_sigma, k_apply, k_gamma = jax.random.split(key, 3)
+  b = images.shape[0]
+  sigma = jax.random.uniform(k_sigma, (b,), minval=0.5, maxval=max(blur_max, 0.5))
+  radius = int(math.ceil(3 * max(blur_max, 0.5)))
+  blurred = jax.vmap(lambda im, sg: pix.gaussian_blur(im, sg, 2 * radius + 1))(images, sigma)
+  apply = jax.random.uniform(k_apply, (b, 1, 1, 1)) < 0.5
+  gamma = jnp.exp(jax.random.uniform(k_gamma, (b, 1, 1, 1), minval=-math.log(1.3),
+                                     maxval=math.log(1.3)))
+  return jnp.clip(jnp.where(apply, blurred, images), 0.0, 1.0) ** gamma
 
 
 def label_names(cache: VolumeCache) -> list[str]:
@@ -107,15 +130,17 @@ def segmenter_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
   model = build_model(config, k)
   tx = optax.adam(s.learning_rate)
   size = cache.stack_shape[1]
-  root = jax.random.fold_in(jax.random.key(config.seed), 1_000)
+  root = rng.key(config.seed, "segmenter_init")
   init = _init_fn(model, tx, size)
   repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
 
   def step(state: SegState, batch, key):
-    del key
+    image = batch["image"]
+    if s.augment_blur_max > 0:
+      image = augment(image, jax.random.fold_in(key, state.step), s.augment_blur_max)
     def loss_fn(params):
       logits, upd = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                batch["image"], train=True, mutable=["batch_stats"])
+                                image, train=True, mutable=["batch_stats"])
       return soft_dice_loss(logits, batch["labels"], k), upd["batch_stats"]
     (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -125,7 +150,8 @@ def segmenter_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
     return trainer.guard(state, new, finite), {"loss": loss,
                                                "finite": finite.astype(jnp.float32)}
 
-  sampler = slices_lib.SliceSampler(cache, cache.split("train"), s.batch_size, config.seed + 1)
+  sampler = slices_lib.SliceSampler(cache, cache.split("train"), s.batch_size,
+                                    rng.entropy(config.seed, "segmenter_batches"))
 
   def load(step_: int, rows: np.ndarray):
     r, sl = sampler.pairs(step_)
@@ -173,8 +199,8 @@ def train_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: Volu
   """Trains (or resumes) the RAS segmenter in `<workdir>/segmenter/`."""
   mesh = mesh or parallel.make_mesh()
   task, _ = segmenter_task(config, cache, mesh)
-  key = jax.random.fold_in(jax.random.key(config.seed), 1_001)
-  return trainer.run(task, config.segmenter, os.path.join(workdir, SUBDIR), mesh, key)
+  return trainer.run(task, config.segmenter, os.path.join(workdir, SUBDIR), mesh,
+                     rng.key(config.seed, "segmenter_train"))
 
 
 def load_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,

@@ -1,6 +1,5 @@
 """End to end through the command line and the pipeline, and bad input at the top level."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,19 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import write_nifti_folder
+from helpers import load_config, write_nifti_folder
 from slicevae_jax import config_lib, pipeline
 from slicevae_jax.errors import ConfigError, DataError
 from slicevae_jax.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _main(*args, timeout=600):
@@ -53,7 +45,20 @@ def test_demo_smoke_end_to_end_through_main(tmp_path):
     assert os.path.exists(os.path.join(workdir, f)), f
   scores = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert scores["model"]["ras"]["mean"] >= 0 and scores["real"]["ras"]["mean"] > 0
-  assert "| Real |" in open(os.path.join(workdir, "eval", "report.md")).read()
+  report = open(os.path.join(workdir, "eval", "report.md")).read()
+  assert "| Real |" in report
+  # One row per latent model fitted on the checkpoint, plus the held-out reconstructions.
+  names = [r["name"] for r in scores["rows"]]
+  assert names[0] == scores["model"]["name"] == "demo_smoke (joint latent)"
+  assert [r["kind"] for r in scores["rows"]] == ["samples", "latent model", "latent model",
+                                                  "reconstructions"]
+  assert {"demo_smoke (per_dim latent)", "demo_smoke (rotated latent)"} < set(names)
+  for name in names:
+    assert f"| {name} |" in report, name
+  rec = scores["rows"][-1]["reconstruction"]
+  assert rec["mse"] > 0 and np.isfinite(rec["psnr"]) and "PSNR" in report
+  for f in ("latent_per_dim.npz", "latent_rotated.npz", "eval/real_row.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
   # Running again skips every finished stage and changes nothing.
   before = len(read_metrics(workdir))
   stamp = os.path.getmtime(os.path.join(workdir, "eval", "metrics.json"))
@@ -66,6 +71,7 @@ def test_demo_smoke_end_to_end_through_main(tmp_path):
   r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=evaluate")
   assert r.returncode == 0, r.stderr[-4000:]
   assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
+  assert "real row: reusing" in r.stderr     # the real set is scored once
   assert len(read_metrics(workdir)) == before
 
 

@@ -40,7 +40,8 @@ def test_latent_file_has_what_sampling_needs(workdir):
   assert g.mean.shape == (16, 2 * 2 * 8) and g.W.shape[:2] == (32, 16)
   assert g.W.shape[2] == min(config.latent.rank, meta["num_volumes"])
   np.testing.assert_allclose(meta["affine"], cache.affine(0))
-  assert fit_latent.is_current(wd, 7) and not fit_latent.is_current(wd, 8)
+  assert fit_latent.is_current(wd, config, 7) and not fit_latent.is_current(wd, config, 8)
+  assert meta["fit_inputs"] == fit_latent.fit_inputs(config, 7)
 
 
 def test_fitted_mean_is_the_mean_encoding(workdir):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from slicevae_jax import config_lib
-from slicevae_jax.data import synth
+from slicevae_jax.data import labels, synth
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import DataError
 
@@ -30,12 +30,13 @@ def test_template_groups_every_cerebra_label():
   tpl = synth.load_template()
   assert tpl.t1.shape == tpl.mask.shape == tpl.labels.shape == (193, 229, 193)
   assert tpl.t1.dtype == np.float32 and tpl.labels.dtype == np.uint8
-  assert tpl.label_names == synth.SYNTH_LABEL_NAMES and len(tpl.label_names) == 18
+  # The paper's 15 classes, the same set as FreeSurfer-labelled real data.
+  assert tpl.label_names == synth.SYNTH_LABEL_NAMES == list(labels.FREESURFER15_NAMES)
   lut = synth.cerebra_lookup(synth._mni_folder() / synth._ATLAS_CSV)
   grouped = lut[1:synth.NUM_CEREBRA_LABELS + 1]
   assert np.all((grouped >= 1) & (grouped < len(synth.SYNTH_LABEL_NAMES)))
   # WM and CSF come from the intensity split, not from CerebrA labels.
-  assert CLS["cerebral white matter"] not in grouped and CLS["CSF"] not in grouped
+  assert CLS["cerebral_wm"] not in grouped and CLS["csf"] not in grouped
   counts = np.bincount(tpl.labels.ravel(), minlength=len(synth.SYNTH_LABEL_NAMES))
   assert len(counts) == len(synth.SYNTH_LABEL_NAMES) and np.all(counts > 0)
   np.testing.assert_array_equal(tpl.labels > 0, tpl.mask)
@@ -89,10 +90,10 @@ def test_image_and_labels_stay_aligned():
     def mean(*names):
       return image[np.isin(labels, [CLS[n] for n in names])].mean()
 
-    wm, cortex = mean("cerebral white matter"), mean("cerebral cortex")
-    fluid = mean("CSF", "lateral ventricles")
+    wm, cortex = mean("cerebral_wm"), mean("cerebral_gm")
+    fluid = mean("csf", "ventricles")
     assert wm > cortex + 0.15 and cortex > fluid + 0.15, (index, wm, cortex, fluid)
-    assert mean("lateral ventricles") < mean("thalamus")
+    assert mean("ventricles") < mean("thalamus")
 
 
 def test_num_val_subjects_leaves_most_for_training():
