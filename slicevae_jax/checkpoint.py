@@ -35,9 +35,11 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     if read_only and not os.path.isdir(self.directory):
       raise DataError(f"{self.directory}: no checkpoints (train first)")
+    # A read-only manager keeps and saves nothing; saying so up front spares orbax's
+    # two warnings that it changed these options itself.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=not read_only)
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

@@ -29,14 +29,16 @@ def exit_with(err: SliceVAEError) -> NoReturn:
 
 
 def run_command(argv: Sequence[str], body: Callable[[], None]) -> None:
-  """The shared body of every command line: no stray arguments, INFO logs, clean exits.
+  """The shared body of every command line: no stray arguments, quiet logs, clean exits.
 
   `body` does the work; an expected error (SliceVAEError) ends the process via `exit_with`.
+  Logs: the project's INFO lines, other libraries' only with --verbosity=1 (see logs.py).
   """
-  from absl import app, logging  # pylint: disable=import-outside-toplevel
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from slicevae_jax import logs  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
-  logging.set_verbosity(logging.INFO)
+  logs.configure()
   try:
     body()
   except SliceVAEError as err:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,8 @@ from slicevae_jax.errors import ConfigError, DataError
 from slicevae_jax.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# An absl INFO line from orbax's checkpoint manager (the bulk of a run's library logging).
+ORBAX_INFO = re.compile(r"^I\d{4} [^\]]* checkpoint_manager\.py:\d+\]", re.M)
 
 
 def _main(*args, timeout=600):
@@ -35,6 +38,9 @@ def test_demo_smoke_end_to_end_through_main(tmp_path):
   workdir = str(tmp_path / "demo")
   r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}")
   assert r.returncode == 0, r.stderr[-4000:]
+  # Quiet by default: the project's stage lines, none of orbax's INFO lines.
+  assert not ORBAX_INFO.search(r.stderr), r.stderr[-4000:]
+  assert "checkpoint saved at step" in r.stderr and "wrote 2 samples" in r.stderr
   samples = sorted(f for f in os.listdir(os.path.join(workdir, "samples")) if f.endswith(".gz"))
   assert len(samples) == 2
   img = nib.load(os.path.join(workdir, "samples", samples[0]))
@@ -68,8 +74,10 @@ def test_demo_smoke_end_to_end_through_main(tmp_path):
   assert os.path.getmtime(os.path.join(workdir, "eval", "metrics.json")) == stamp
   # --mode=evaluate re-scores on request, without training anything.
   os.remove(os.path.join(workdir, "eval", "report.md"))
-  r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=evaluate")
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=evaluate",
+            "--verbosity=1")
   assert r.returncode == 0, r.stderr[-4000:]
+  assert ORBAX_INFO.search(r.stderr)     # the libraries' INFO lines on request
   assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
   assert "real row: reusing" in r.stderr     # the real set is scored once
   assert len(read_metrics(workdir)) == before
