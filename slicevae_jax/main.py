@@ -1,9 +1,10 @@
-"""Command line: python -m slicevae_jax.main --config=configs/demo.py --workdir=runs/demo.
+"""Command line: python -m slicevae_jax.main (or `slicevae`) --config=CONFIG --workdir=DIR.
 
 Thin by design: parses flags, starts multi-host JAX when the config asks, and
 hands over to `pipeline.run`. Every stage is callable from Python too.
 """
 
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -36,5 +37,17 @@ def main(argv):
   run_command(argv, body)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `slicevae` console command (pyproject.toml): the same as python -m slicevae_jax.main."""
+  wrapper = sys.modules["__main__"]
+  if wrapper is not sys.modules[__name__]:
+    # Under the console script, __main__ is pip's wrapper: absl's --help shows the
+    # docstring and key flags of __main__ (argv[0]), so lend it this module's.
+    wrapper.__doc__ = __doc__
+    for name in ("config", "workdir", "mode"):
+      FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
