@@ -21,9 +21,14 @@ class NonFiniteLossError(SliceVAEError, FloatingPointError):
 
 
 def exit_with(err: SliceVAEError) -> NoReturn:
-  """Command-line ending for an expected error: one log line, the message on stderr, exit 2."""
+  """Command-line ending for an expected error: one 'error: ...' line on stderr, exit 2.
+
+  The error is also logged when absl writes a log file (--log_dir), so the file says
+  why the run stopped; on a terminal the log line would only repeat the error line.
+  """
   from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.error("%s: %s", type(err).__name__, err)
+  if getattr(logging.get_absl_handler().python_handler, "stream", sys.stderr) is not sys.stderr:
+    logging.error("%s: %s", type(err).__name__, err)
   print(f"error: {err}", file=sys.stderr)
   sys.exit(2)
 

@@ -8,8 +8,10 @@ A 3D baseline (config.model_type != 'slice_vae') has the same stages except
 fit_latent: its generator samples from N(0, I) directly.
 """
 
+import errno
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -193,12 +195,41 @@ def _latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
+# What a read-only, full or forbidden workdir raises; any other OSError is a bug to see whole.
+_DISK_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_error(workdir: str, err: OSError) -> DataError:
+  """One line for a write that failed on the disk; every output is atomic, so none is torn."""
+  steps = ckpt_lib.finished_steps(os.path.join(workdir, train_lib.CHECKPOINT_DIR))
+  kept = (f"the finished checkpoints are intact (newest: step {max(steps)})" if steps
+          else "no checkpoint was written yet")
+  return DataError(f"{err.filename or workdir}: cannot write ({err.strerror}); {kept} and no "
+                   f"output is half-written; free space or make {workdir} writable, then rerun "
+                   f"the same command to resume")
+
+
+def _check_writable(workdir: str) -> None:
+  """Creates `workdir` and proves a file can be written there, before any work starts."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-test-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS and e.errno != errno.ENOTDIR and e.errno != errno.EEXIST:
+      raise
+    raise DataError(f"{workdir}: cannot write to the workdir ({e.strerror}); choose a "
+                    f"writable --workdir") from e
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
         evaluate: bool = True) -> None:
   """Runs one stage, or every stage that is not done yet (mode 'all').
 
   `evaluate=False` leaves the evaluate stage out of 'all' (the model comparison
-  scores every model itself, with one shared segmenter).
+  scores every model itself, with one shared segmenter). A workdir that cannot be
+  written (read-only, full disk) stops the run with a DataError naming the file.
   """
   if mode not in config_lib.MODES:
     raise ConfigError(f"unknown mode {mode!r}; choose one of {list(config_lib.MODES)}")
@@ -206,7 +237,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   if mode == "fit_latent" and config.model_type != "slice_vae":
     raise ConfigError(f"--mode=fit_latent fits the slice VAE's latent Gaussian; model_type="
                       f"{config.model_type!r} samples its prior directly and has no such stage")
-  os.makedirs(workdir, exist_ok=True)
+  _check_writable(workdir)
+  try:
+    _run_stages(config, workdir, mode, evaluate)
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS:
+      raise
+    raise _disk_error(workdir, e) from e
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, mode: str,
+                evaluate: bool) -> None:
+  """`run`'s stages, once the arguments are checked and the workdir is writable."""
   record_config(config, workdir)
   mesh = parallel.make_mesh()
   everything = mode == "all"

@@ -333,8 +333,10 @@ def test_build_cache_hcp_layout_and_existing_cache(tmp_path, monkeypatch):
   preprocess.build_cache(config, str(tmp_path / "cache"), overwrite=True)
   assert calls == [0, 1, 2]
 
-  one = preprocess.build_cache(_config(root, max_subjects=1, num_val=5), str(tmp_path / "c1"))
-  assert len(one) == 1 and one.split("val") == []
+  # One subject leaves nothing to hold out: refused before any work, nothing written.
+  with pytest.raises(DataError, match="1 subject found; at least 2"):
+    preprocess.build_cache(_config(root, max_subjects=1, num_val=5), str(tmp_path / "c1"))
+  assert not os.path.exists(tmp_path / "c1") and not os.path.exists(tmp_path / "c1.partial")
 
 
 def test_build_cache_resumes_after_interruption(tmp_path, monkeypatch):

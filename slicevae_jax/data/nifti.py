@@ -59,6 +59,10 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
   except _READ_ERRORS as e:
     raise DataError(f"{path}: cannot read {what} as NIfTI ({type(e).__name__}: {e}); "
                     f"the file may be truncated, corrupt or not a NIfTI file") from e
+  if data.dtype.kind == "c":
+    # Casting to real would drop the imaginary part with only a NumPy warning.
+    raise DataError(f"{path}: {what} is complex-valued ({data.dtype}); save its magnitude "
+                    f"(or real part) as a real-valued NIfTI first")
   if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
     raise DataError(f"{path}: degenerate voxel-to-world affine {affine.tolist()}")
   if data.dtype.kind in "fc":
@@ -66,6 +70,20 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
     if bad:
       raise DataError(f"{path}: {what} has {bad} non-finite (NaN/Inf) voxels of {data.size}")
   return data, affine
+
+
+def orientation_known(path: str | os.PathLike) -> bool:
+  """Whether the header sets a qform or an sform (reads the header only).
+
+  With neither, nibabel builds the affine from the voxel sizes alone, so which way
+  is left, anterior or superior is a guess (the NIfTI 'method 1' fallback).
+  """
+  path = os.fspath(path)
+  try:
+    header = nib.load(path).header
+    return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+  except _READ_ERRORS as e:
+    raise DataError(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
 
 
 def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +106,7 @@ def load_volume(path: str | os.PathLike, *, canonical: bool = True,
     (data [X, Y, Z] of `dtype`, affine float64 [4, 4] voxel -> world mm).
   Raises:
     DataError naming the file: missing, unreadable/truncated, not NIfTI, not 3D,
-    NaN/Inf voxels, degenerate affine.
+    complex-valued, NaN/Inf voxels, degenerate affine.
   """
   data, affine = _read(path, "volume")
   if canonical:

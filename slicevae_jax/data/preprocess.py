@@ -17,6 +17,7 @@ import concurrent.futures as futures
 import dataclasses
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -47,7 +48,7 @@ group_freesurfer_labels = label_sets.group_freesurfer_labels
 def map_labels(labels: np.ndarray, label_map: str, path: str = "") -> np.ndarray:
   """Applies `data.label_map` to raw integer labels; returns uint8 [X, Y, Z]."""
   if label_map == "freesurfer15":
-    return group_freesurfer_labels(labels)
+    return _check_grouped(labels, group_freesurfer_labels(labels), path)
   if label_map == "none":
     if labels.size and (labels.min() < 0 or labels.max() > 255):
       raise DataError(f"{path}: label values span [{labels.min()}, {labels.max()}], which "
@@ -56,6 +57,31 @@ def map_labels(labels: np.ndarray, label_map: str, path: str = "") -> np.ndarray
     return labels.astype(np.uint8)
   raise ConfigError(f"config key 'data.label_map' is {label_map!r}; choose 'none' or "
                     f"'freesurfer15'")
+
+
+# More than this share of the labelled (non-zero) voxels falling to background under
+# 'freesurfer15' means the codes are not FreeSurfer's (a real aseg loses only vessels,
+# lesions and the like, well under 1 %).
+MAX_UNGROUPED_FRACTION = 0.5
+
+
+def _check_grouped(raw: np.ndarray, grouped: np.ndarray, path: str) -> np.ndarray:
+  """Refuses label codes outside the 'freesurfer15' map; returns `grouped`."""
+  if raw.size and raw.min() < 0:
+    raise DataError(f"{path}: label map has negative values (min {raw.min()}), which are no "
+                    f"FreeSurfer codes (data.label_map='freesurfer15')")
+  labelled = raw != 0
+  lost = labelled & (grouped == 0)
+  num_labelled = int(np.count_nonzero(labelled))
+  if num_labelled and np.count_nonzero(lost) > MAX_UNGROUPED_FRACTION * num_labelled:
+    codes, counts = np.unique(raw[lost], return_counts=True)
+    top = codes[np.argsort(-counts)][:8].tolist()
+    raise DataError(
+        f"{path}: {np.count_nonzero(lost) / num_labelled:.0%} of the labelled voxels have "
+        f"codes outside the data.label_map='freesurfer15' grouping (most common: {top}); "
+        f"give a FreeSurfer aseg/aparc+aseg, or set data.label_map='none' for labels "
+        f"already numbered 0..255")
+  return grouped
 
 
 # --------------------------------------------------------------------------
@@ -117,6 +143,27 @@ def _nonzero_box(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(lo), np.asarray(hi)
 
 
+# A brain whose bounding box is smaller than this share of the field of view
+# (grid x voxel_size) on every axis is no brain at that voxel size: a 4-voxel test
+# file, or a header in metres instead of mm. Generous on purpose, so small or
+# tightly cropped fields of view still pass.
+MIN_EXTENT_FRACTION = 0.125
+
+
+def check_extent(data: np.ndarray, affine: np.ndarray, grid: int, voxel_size: float) -> None:
+  """Refuses a volume whose non-zero extent (mm) is implausibly small for the grid (DataError)."""
+  lo, hi = _nonzero_box(data)
+  extent = (hi - lo + 1) * nifti.voxel_sizes(affine)
+  fov = float(grid) * float(voxel_size)
+  if extent.max() < MIN_EXTENT_FRACTION * fov:
+    size = " x ".join(f"{e:.1f}" for e in extent)
+    raise DataError(
+        f"brain extent {size} mm (non-zero voxels, shape {tuple(data.shape)}) is implausibly "
+        f"small for the field of view of {fov:.0f} mm (data.grid {grid} x data.voxel_size "
+        f"{voxel_size} mm; at least {MIN_EXTENT_FRACTION * fov:.0f} mm expected): check the "
+        f"voxel sizes in the header (mm, not m) and that this is a brain volume")
+
+
 def grid_transform(data: np.ndarray, affine: np.ndarray, grid: int,
                    voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
   """Where the grid³ output sits in the input: (scale f [3], offset [3]).
@@ -172,6 +219,7 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, *, grid: int, voxel_
     if labels.size and (labels.min() < 0 or labels.max() > 255):
       raise DataError(f"label values span [{labels.min()}, {labels.max()}]; expected 0..255")
   f, offset = grid_transform(data, affine, grid, voxel_size)
+  check_extent(data, affine, grid, voxel_size)
   image = data
   if n4:
     image = n4_correct(image, affine)
@@ -257,6 +305,11 @@ def _flat_subjects(root: str, labels_dir: str) -> list[Subject]:
     # even if the file is missing, so that subject fails with a clear error.
     labels = os.path.join(labels_dir, name) if labels_dir else None
     out.append(Subject(sid, path, labels))
+  if labels_dir and out and not any(os.path.isfile(s.labels) for s in out):
+    # Every subject would fail on its own missing label file: say it once, here.
+    raise DataError(f"{labels_dir}: no label file matches an image in {root} (expected the "
+                    f"image's file name, e.g. {os.path.join(labels_dir, os.path.basename(out[0].image))}); "
+                    f"rename the label files or fix data.labels_dir")
   return out
 
 
@@ -310,6 +363,31 @@ def find_subjects(root: str, layout: str = "auto", *,
 # --------------------------------------------------------------------------
 
 
+def _check_usable(writer: CacheWriter, entries: list[dict[str, Any]], d: Any) -> None:
+  """Stops (DataError) when no subject, or no held-out subject, was preprocessed.
+
+  The partial cache is removed first: its skipped rows count as done, so a rerun
+  after the files are fixed would skip them again instead of retrying.
+  """
+  ok = [row for row, rec in writer.done.items() if rec["status"] == "ok"]
+  val = [row for row, e in enumerate(entries) if e["split"] == "val"]
+  reasons = [writer.done[row].get("reason", "") for row in sorted(writer.done)
+             if writer.done[row]["status"] != "ok"]
+  if not ok:
+    msg = (f"{d.root}: every one of the {len(entries)} subjects was skipped, so there is "
+           f"nothing to train on (the first: {reasons[0]}; each is logged above); fix those "
+           f"files or set data.root to other data")
+  elif not set(val) & set(ok):
+    ids = [entries[row]["id"] for row in val]
+    msg = (f"{d.root}: the validation split is empty: its subjects {ids} were all skipped "
+           f"(each is logged above); fix those files, or raise data.num_val (now "
+           f"{d.num_val}) so that held-out subjects remain")
+  else:
+    return
+  shutil.rmtree(writer.partial, ignore_errors=True)
+  raise DataError(msg)
+
+
 def _settings(d: Any) -> dict[str, Any]:
   """The preprocessing settings: recorded in the manifest, hashed into the plan."""
   return {
@@ -337,15 +415,27 @@ def _process_subject(task: dict[str, Any]) -> dict[str, Any]:
   Runs in a worker process: only numpy/scipy/nibabel/SimpleITK, no JAX.
   """
   path = task["image"]
+  warnings = []
   try:
     s = task["settings"]
+    if not nifti.orientation_known(path):
+      guessed = (f"{path}: the header sets neither qform nor sform, so the orientation "
+                 f"(left/right, anterior/posterior) is guessed from the voxel sizes")
+      if task.get("strict"):
+        raise DataError(guessed + "; set the orientation (e.g. fslorient or nibabel) or "
+                        "set data.strict=False to accept the guess")
+      warnings.append(guessed)
     data, affine = nifti.load_volume(path)
     labels = None
     if task["labels"]:
       raw, lab_affine = nifti.load_labels(task["labels"])
-      if raw.shape != data.shape or not np.allclose(lab_affine, affine, atol=1e-3):
-        raise DataError(f"{task['labels']}: label map grid (shape {raw.shape}) does not match "
-                        f"its image {path} (shape {data.shape}) or their affines differ")
+      if raw.shape != data.shape:
+        raise DataError(f"{task['labels']}: label map grid {raw.shape} differs from its image "
+                        f"{path} ({data.shape}); labels must be on the image's voxel grid")
+      if not np.allclose(lab_affine, affine, atol=1e-3):
+        raise DataError(f"{task['labels']}: label map affine differs from its image {path} "
+                        f"(max difference {np.abs(lab_affine - affine).max():.3g} mm); labels "
+                        f"must be on the image's voxel grid")
       labels = map_labels(raw, s["label_map"], task["labels"])
     image, labels, grid_affine = preprocess_volume(
         data, affine, grid=s["grid"], voxel_size=s["voxel_size"], n4=s["n4"],
@@ -356,7 +446,7 @@ def _process_subject(task: dict[str, Any]) -> dict[str, Any]:
     if labels is not None:
       meta["label_max"] = int(labels.max())
     return {"row": task["row"], "status": "ok", "image": image, "labels": labels,
-            "affine": grid_affine, "meta": meta}
+            "affine": grid_affine, "meta": meta, "warnings": warnings}
   except DataError as e:
     reason = str(e)
     if path not in reason and (not task["labels"] or task["labels"] not in reason):
@@ -438,6 +528,12 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
                            labels_dir=d.labels_dir)
   if int(d.max_subjects) > 0:
     subjects = subjects[: int(d.max_subjects)]
+  if int(d.num_val) < 1:
+    raise ConfigError(f"config key 'data.num_val' is {d.num_val}: training and evaluation "
+                      f"need held-out volumes; set data.num_val to 1 or more")
+  if len(subjects) < 2:
+    raise DataError(f"{d.root}: {len(subjects)} subject found; at least 2 are needed (one to "
+                    f"train on, one held out)")
   num_labelled = sum(s.labels is not None for s in subjects)
   with_labels = num_labelled == len(subjects)
   if 0 < num_labelled < len(subjects):
@@ -459,8 +555,10 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
   pending = writer.pending
   logging.info("preprocessing %d of %d subjects from %s into %s (%d workers)",
                len(pending), len(entries), d.root, writer.path, int(d.num_workers))
+  # `strict` travels beside the settings: it decides what is refused, not what is
+  # written, so it stays out of the plan hash.
   tasks = [{"row": row, "image": entries[row]["source"], "labels": entries[row]["labels"],
-            "settings": settings} for row in pending]
+            "settings": settings, "strict": bool(d.strict)} for row in pending]
   t0 = time.time()
   # disable=None: the bar shows on a terminal and stays out of log files.
   with tqdm.tqdm(total=len(entries), initial=len(entries) - len(pending), unit="vol",
@@ -468,6 +566,9 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
     for result in _run(tasks, int(d.num_workers)):
       row = result["row"]
       if result["status"] == "ok":
+        # Logged here, not in the worker: spawned workers have no log set-up.
+        for warning in result["warnings"]:
+          logging.warning("%s", warning)
         writer.write(row, result["image"], result["affine"], result["labels"],
                      **result["meta"])
       else:
@@ -484,6 +585,7 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
     logging.info("shard %d of %d done; %d subjects left to other shards of %s", shard[0],
                  shard[1], len(entries) - len(writer.done), writer.partial)
     return None
+  _check_usable(writer, entries, d)
 
   label_names = None
   if with_labels:
