@@ -370,6 +370,44 @@ def test_build_cache_resumes_after_interruption(tmp_path, monkeypatch):
   assert [s["split"] for s in cache.subjects] == [s["split"] for s in full.subjects]
 
 
+def test_csv_list_picks_subjects_and_fixes_the_split(tmp_path):
+  data = tmp_path / "my data"                        # relative paths, a space in the folder
+  _write_flat(data / "img", 4, labels_dir=data / "lab")
+  listing = data / "subjects.csv"
+  listing.write_text("path, labels, split\n"
+                     "img/sub03.nii.gz, lab/sub03.nii.gz, val\n"
+                     "img/sub00.nii.gz, lab/sub00.nii.gz, train\n"
+                     "\n"
+                     "img/sub02.nii.gz, lab/sub02.nii.gz, train\n")   # sub01 left out
+  cache = preprocess.build_cache(_config(listing, num_val=0), str(tmp_path / "cache"))
+  assert [s["id"] for s in cache.subjects] == ["sub03", "sub00", "sub02"]
+  assert [s["split"] for s in cache.subjects] == ["val", "train", "train"]
+  assert cache.labels is not None and cache.manifest["layout"] == "auto"
+  # Without a split column the seeded split applies; no labels column, no labels.
+  listing.write_text("path\nimg/sub00.nii.gz\nimg/sub01.nii.gz\nimg/sub02.nii.gz\n")
+  subjects = preprocess.find_subjects(str(listing))
+  assert [(s.id, s.labels, s.split) for s in subjects] == [
+      (f"sub0{i}", None, None) for i in range(3)]
+  # One file name in several folders: the ids are the paths as written.
+  listing.write_text("path\na/t1.nii.gz\nb/t1.nii.gz\nc.nii\n")
+  assert [s.id for s in preprocess.find_subjects(str(listing))] == ["a/t1", "b/t1", "c"]
+
+  bad = {"file,split\nimg/sub00.nii.gz,train\n": "header must name the column 'path'",
+         "path,split\nimg/sub00.nii.gz,test\nimg/sub01.nii.gz,val\n": "line 2: split is 'test'",
+         "path\nimg/sub00.nii.gz\nimg/sub00.nii.gz\n": "also on line 2",
+         "path\n\n": "no rows",
+         "path\nimg/sub00.txt\n": "not a .nii or .nii.gz file",
+         "path\n": "no rows"}
+  for text, message in bad.items():
+    listing.write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+      preprocess.find_subjects(str(listing))
+    assert str(listing) in str(e.value)
+  listing.write_text("path,split\nimg/sub00.nii.gz,train\nimg/sub01.nii.gz,train\n")
+  with pytest.raises(DataError, match="no row has split 'val'"):
+    preprocess.build_cache(_config(listing), str(tmp_path / "c2"))
+
+
 def test_labels_only_when_every_subject_has_them(tmp_path):
   root = tmp_path / "flat"
   _write_flat(root, 3, labels_dir=tmp_path / "labels")

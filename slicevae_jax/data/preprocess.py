@@ -14,6 +14,7 @@ worker re-imports the main script.
 """
 
 import concurrent.futures as futures
+import csv
 import dataclasses
 import multiprocessing
 import os
@@ -263,10 +264,14 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, *, grid: int, voxel_
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
-  """One volume to preprocess: id (unique), image path, labels path or None."""
+  """One volume to preprocess: id (unique), image path, labels path or None.
+
+  `split` is 'train' or 'val' when the list fixes it (a CSV's split column), else None.
+  """
   id: str
   image: str
   labels: str | None = None
+  split: str | None = None
 
 
 def _strip_nifti(name: str) -> str | None:
@@ -313,6 +318,53 @@ def _flat_subjects(root: str, labels_dir: str) -> list[Subject]:
   return out
 
 
+CSV_COLUMNS = ("path", "labels", "split")
+
+
+def _csv_subjects(csv_path: str) -> list[Subject]:
+  """Rows of a CSV list: a header naming `path` and optionally `labels`, `split`.
+
+  Relative paths are taken from the CSV's folder; an empty `labels` cell means no
+  labels for that subject; `split` cells, when the column is there, must all be
+  'train' or 'val'. The id is the image's file name without its NIfTI extension, or,
+  where two rows share a file name (`<subject>/T1w/T1w.nii.gz`), the path as written.
+  """
+  folder = os.path.dirname(csv_path)
+  try:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f, skipinitialspace=True)
+      columns = [c.strip() for c in (reader.fieldnames or [])]
+      rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DataError(f"{csv_path}: cannot read the subject list ({e})") from e
+  if "path" not in columns or set(columns) - set(CSV_COLUMNS):
+    raise DataError(f"{csv_path}: the header must name the column 'path' and optionally "
+                    f"'labels' and 'split' (found {columns})")
+  rows = [(line, row) for line, row in enumerate(rows, start=2)  # line 1: the header
+          if any(row.values())]
+  names = [os.path.basename(row["path"]) for _, row in rows]
+  out, seen = [], {}
+  for line, row in rows:
+    where = f"{csv_path}, line {line}"
+    image = row["path"]
+    name = os.path.basename(image)
+    sid = _strip_nifti(name if names.count(name) == 1 else image.replace(os.sep, "/"))
+    if sid is None:
+      raise DataError(f"{where}: path {image!r} is not a .nii or .nii.gz file")
+    if sid in seen:
+      raise DataError(f"{where}: {image!r} is also on line {seen[sid]}; list each volume once")
+    seen[sid] = line
+    split = row.get("split") or None
+    if "split" in columns and split not in ("train", "val"):
+      raise DataError(f"{where}: split is {row.get('split')!r}; write 'train' or 'val'")
+    labels = row.get("labels") or None
+    out.append(Subject(sid, os.path.join(folder, image),
+                       os.path.join(folder, labels) if labels else None, split))
+  if not out:
+    raise DataError(f"{csv_path}: the subject list has no rows")
+  return out
+
+
 def find_subjects(root: str, layout: str = "auto", *,
                   hcp_image: str = "T1w/T1w_acpc_dc_restore_brain.nii.gz",
                   hcp_labels: str = "T1w/aparc+aseg.nii.gz",
@@ -327,7 +379,9 @@ def find_subjects(root: str, layout: str = "auto", *,
       A subject whose label file is missing is listed anyway and fails at
       preprocessing time with an error naming the missing file (skipped, or
       fatal with data.strict).
-    'auto': 'hcp' if any subfolder holds `hcp_image`, else 'flat'.
+    'csv': `root` is a CSV file listing `path[,labels][,split]` (see `_csv_subjects`).
+    'auto': 'csv' if `root` is a .csv file, else 'hcp' if any subfolder holds
+      `hcp_image`, else 'flat'.
   Raises:
     DataError naming the folder: root (or labels_dir) missing / not a folder,
     no volumes found.
@@ -335,10 +389,15 @@ def find_subjects(root: str, layout: str = "auto", *,
   root = os.path.abspath(os.fspath(root))
   if not os.path.exists(root):
     raise DataError(f"{root}: data folder does not exist (data.root)")
+  if layout not in ("auto", "hcp", "flat", "csv"):
+    raise ConfigError(f"config key 'data.layout' is {layout!r}; choose 'auto', 'hcp', 'flat' "
+                      f"or 'csv'")
+  if layout == "csv" or (layout == "auto" and root.lower().endswith(".csv")):
+    if not os.path.isfile(root):
+      raise DataError(f"{root}: data.layout 'csv' needs data.root to be a CSV file")
+    return _csv_subjects(root)
   if not os.path.isdir(root):
-    raise DataError(f"{root}: data.root is not a folder")
-  if layout not in ("auto", "hcp", "flat"):
-    raise ConfigError(f"config key 'data.layout' is {layout!r}; choose 'auto', 'hcp' or 'flat'")
+    raise DataError(f"{root}: data.root is not a folder (nor a .csv subject list)")
   if labels_dir:
     labels_dir = os.path.abspath(labels_dir)
     if not os.path.isdir(labels_dir):
@@ -528,7 +587,8 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
                            labels_dir=d.labels_dir)
   if int(d.max_subjects) > 0:
     subjects = subjects[: int(d.max_subjects)]
-  if int(d.num_val) < 1:
+  listed_split = subjects[0].split is not None
+  if int(d.num_val) < 1 and not listed_split:
     raise ConfigError(f"config key 'data.num_val' is {d.num_val}: training and evaluation "
                       f"need held-out volumes; set data.num_val to 1 or more")
   if len(subjects) < 2:
@@ -545,6 +605,15 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
     logging.warning("%s; the cache will hold no labels", msg)
 
   splits = split_subjects(len(subjects), d.num_val, config.seed)
+  if listed_split:
+    # The subject list fixes the split by hand (CSV split column): data.num_val is unused.
+    splits = [s.split for s in subjects]
+    for name in ("train", "val"):
+      if name not in splits:
+        raise DataError(f"{d.root}: no row has split '{name}'; training needs both 'train' "
+                        f"and held-out 'val' subjects")
+    logging.info("%s: split as listed (%d train, %d val); data.num_val is not used", d.root,
+                 splits.count("train"), splits.count("val"))
   entries = [{"id": s.id, "source": s.image, "labels": s.labels if with_labels else None,
               "split": split} for s, split in zip(subjects, splits)]
   g = int(d.grid)
