@@ -8,7 +8,9 @@ A 3D baseline (config.model_type != 'slice_vae') has the same stages except
 fit_latent: its generator samples from N(0, I) directly.
 """
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -223,13 +225,44 @@ def _check_writable(workdir: str) -> None:
                     f"writable --workdir") from e
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, config: ml_collections.ConfigDict, mode: str):
+  """Holds `<workdir>/.lock` for one run, so a second run on the workdir refuses to start.
+
+  An flock, so the kernel releases it when the process ends, however it ends: no stale
+  lock to delete by hand. Only process 0 of a multi-host run takes it, and independent
+  preprocessing shard jobs (data.num_shards > 1) share a workdir by design.
+  """
+  if jax.process_index() != 0 or (mode == "preprocess" and int(config.data.num_shards) > 1):
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+      raise DataError(f"{workdir}: another run is using this workdir (process {holder} holds "
+                      f"{path}); wait for it to finish or choose another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    yield
+  finally:
+    os.close(fd)   # releases the lock
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
         evaluate: bool = True) -> None:
   """Runs one stage, or every stage that is not done yet (mode 'all').
 
   `evaluate=False` leaves the evaluate stage out of 'all' (the model comparison
   scores every model itself, with one shared segmenter). A workdir that cannot be
-  written (read-only, full disk) stops the run with a DataError naming the file.
+  written (read-only, full disk) or that another run is using stops the run with a
+  DataError naming the file.
   """
   if mode not in config_lib.MODES:
     raise ConfigError(f"unknown mode {mode!r}; choose one of {list(config_lib.MODES)}")
@@ -239,7 +272,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
                       f"{config.model_type!r} samples its prior directly and has no such stage")
   _check_writable(workdir)
   try:
-    _run_stages(config, workdir, mode, evaluate)
+    with workdir_lock(workdir, config, mode):
+      _run_stages(config, workdir, mode, evaluate)
   except OSError as e:
     if e.errno not in _DISK_ERRNOS:
       raise

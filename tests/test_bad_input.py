@@ -5,6 +5,7 @@ nothing half-written is left behind, and, for two of them, the exit through main
 """
 
 import errno
+import fcntl
 import logging as py_logging
 import os
 import subprocess
@@ -171,6 +172,23 @@ def test_unwritable_workdir_keeps_the_checkpoints(tmp_path, monkeypatch):
                                       r"the finished checkpoints are intact \(newest: step 4\)"):
     pipeline.run(config, str(workdir))
   assert (step / "state").read_bytes() == b"weights"
+
+
+def test_a_second_run_on_a_busy_workdir_refuses(tmp_path):
+  workdir = tmp_path / "w"
+  config = _config(_folder(tmp_path / "data", 2))
+  os.makedirs(workdir)
+  # Another run holds the lock (as `workdir_lock` does, here from this test process).
+  fd = os.open(workdir / pipeline.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    with pytest.raises(DataError, match="another run is using this workdir .process 4242"):
+      pipeline.run(config, str(workdir), "preprocess")
+    assert sorted(os.listdir(workdir)) == [pipeline.LOCK_FILE]   # nothing else touched
+  finally:
+    os.close(fd)
+  pipeline.run(config, str(workdir), "preprocess")                # free again: runs
 
 
 def _main(*args):
