@@ -213,13 +213,15 @@ def _disk_error(workdir: str, err: OSError) -> DataError:
 
 def _check_writable(workdir: str) -> None:
   """Creates `workdir` and proves a file can be written there, before any work starts."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise DataError(f"{workdir}: the workdir is a file, not a folder; choose another --workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-test-")
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    if e.errno not in _DISK_ERRNOS and e.errno != errno.ENOTDIR and e.errno != errno.EEXIST:
+    if e.errno not in _DISK_ERRNOS and e.errno != errno.ENOTDIR:
       raise
     raise DataError(f"{workdir}: cannot write to the workdir ({e.strerror}); choose a "
                     f"writable --workdir") from e

@@ -208,6 +208,9 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, *, grid: int, voxel_
     labels uint8 [grid, grid, grid] or None,
     grid_affine float64 [4, 4]: output voxel -> the same world mm as `affine`
     (so the output overlays the input in a viewer); its voxel size is `voxel_size`.
+  Raises:
+    DataError: not 3D, all zeros, labels on another grid or outside 0..255, or a
+      brain implausibly small for the field of view (`check_extent`).
   """
   data = np.asarray(data, np.float32)
   affine = np.asarray(affine, np.float64)
