@@ -33,6 +33,36 @@ def exit_with(err: SliceVAEError) -> NoReturn:
   sys.exit(2)
 
 
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """app.run's flags_parser: a flag that cannot be read (unknown key, wrong type) ends the
+  command like any other bad input, one 'error: ...' line and exit 2."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in str(e):
+      # A config file that fails to load (an unknown ':variant', a missing file) comes
+      # wrapped, traceback and all: keep the flag and the exception's own line.
+      flag = lines[0].split(": Error whilst", 1)[0]
+      last = lines[-1]
+      if last.startswith(__name__ + "."):
+        last = last.split(": ", 1)[-1]
+      print(f"error: {flag}: {last}", file=sys.stderr)
+    else:
+      print(f"error: {e} (see --help)", file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    # ml_collections' answer to --config.<key>=... for a key the config lacks; the
+    # innermost message names it and suggests the closest.
+    inner = e
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    text = " ".join(str(inner).split())
+    print(f"error: no such config key {text} (overrides are --config.<key>=<value>)",
+          file=sys.stderr)
+  sys.exit(2)
+
+
 def run_command(argv: Sequence[str], body: Callable[[], None]) -> None:
   """The shared body of every command line: no stray arguments, quiet logs, clean exits.
 

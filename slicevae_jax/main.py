@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from slicevae_jax import config_lib
 from slicevae_jax import parallel
 from slicevae_jax import pipeline
-from slicevae_jax.errors import run_command
+from slicevae_jax.errors import ConfigError, parse_flags, run_command
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -29,7 +29,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   def body():
     config = FLAGS.config
-    config_lib.validate(config)
+    try:
+      config_lib.validate(config)
+    except OSError as e:
+      # ml_collections reports a config file it could not load (a wrong path) only
+      # when the config is first read, with the file system's answer on the last line.
+      reason = str(e).strip().splitlines()[-1].strip()
+      raise ConfigError(f"--config: cannot load the config file ({reason})") from e
     parallel.initialize_distributed(config.dist)
     logging.info("JAX %s, %d devices: %s", jax.__version__, jax.device_count(),
                  jax.devices()[0].device_kind)
@@ -46,7 +52,7 @@ def cli() -> None:
     wrapper.__doc__ = __doc__
     for name in ("config", "workdir", "mode"):
       FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

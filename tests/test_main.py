@@ -98,10 +98,20 @@ def test_own_nifti_folder_with_hcp_smoke(tmp_path):
 def test_bad_mode_key_and_data_errors(tmp_path):
   r = _main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}", "--mode=evaluat",
             timeout=120)
-  assert r.returncode != 0 and "mode" in r.stderr
+  assert r.returncode == 2 and r.stderr.startswith("error: flag --mode=evaluat"), r.stderr
   r = _main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
             "--config.train.num_stepz=3", timeout=120)
-  assert r.returncode != 0 and "num_stepz" in r.stderr
+  assert r.returncode == 2 and "error: no such config key 'num_stepz'" in r.stderr, r.stderr
+  assert 'Did you mean "num_steps"' in r.stderr and "Traceback" not in r.stderr
+  # An override of the wrong type, a config file that is not there: one line each, exit 2.
+  r = _main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+            "--config.train.num_steps=1.5", timeout=120)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "error: flag --config.train.num_steps=1.5: invalid literal for int() with base 10: "
+      "'1.5' (see --help)"], r.stderr
+  r = _main("--config=configs/nope.py", f"--workdir={tmp_path}", timeout=120)
+  assert r.returncode == 2 and "error: --config: cannot load the config file" in r.stderr
+  assert "nope.py" in r.stderr and "Traceback" not in r.stderr
   config = load_config("hcp64", "smoke")
   with pytest.raises(ConfigError, match="data.root"):
     pipeline.run(config, str(tmp_path / "a"))
