@@ -854,8 +854,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
       sets.append((f"{config.name} ({kind} latent)",
                    inference.sample_volumes(other, key, len(generated))))
     if e.reconstructions:
+      # As many as there are samples, so every row costs the same number of registrations.
       sets.append((RECON_NAME,
-                   _reconstructions(bundle, real, cache.slice_axis)))
+                   _reconstructions(bundle, real[:len(generated)], cache.slice_axis)))
   scored = []
   for i, (name, vols) in enumerate(sets):
     row, arrays = score_generated(config, vols, real, labels, seg, names, cache.slice_axis,
@@ -863,7 +864,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
     row["kind"] = "samples" if i == 0 else ("reconstructions" if name == RECON_NAME
                                             else "latent model")
     if name == RECON_NAME:
-      row["reconstruction"] = reconstruction_error(vols, real)
+      row["reconstruction"] = reconstruction_error(vols, real[:len(vols)])
     scored.append((row, arrays, vols))
   source = {"generated": [os.path.basename(p) for p in paths], "real_cache": cache.path,
             "segmenter_workdir": os.path.abspath(workdir), **_sources(workdir)}

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from helpers import make_cache, tiny_config
 from slicevae_jax import evaluate, fileio, segmenter
 from slicevae_jax.data import nifti
 from slicevae_jax.errors import DataError
-from slicevae_jax.metrics import frechet, ras
+from slicevae_jax.metrics import frechet, mmd, ras
 
 GRID = 32   # MS-SSIM's five scales need >= 32 voxels per axis
 
@@ -195,3 +196,20 @@ def test_cli_reports_bad_input(tmp_path):
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f"error: {empty}: no generated volumes" in proc.stderr
+
+
+def test_kwon_mmd_without_spread_is_flagged_not_reported_as_zero_std():
+  rng = np.random.default_rng(0)
+  real = rng.random((4, 8, 8, 8)).astype(np.float32)
+  gen = rng.random((4, 8, 8, 8)).astype(np.float32)
+  # N = M = B: every pass compares the same two sets.
+  fixed = mmd.kwon_mmd_protocol(real, gen, key=jax.random.key(0), batch=4, repeats=5)
+  row = evaluate._kwon_row(fixed, 4, 5, n=4, m=4)
+  assert row["degenerate"] and row["std"] == pytest.approx(0.0, abs=1e-9)
+  assert "no spread" in evaluate.table_markdown([{"name": "m", "mmd_kwon": row}], None)
+  # Twice as many real volumes as a batch: passes differ, the spread is a measurement.
+  real2 = np.concatenate([real, rng.random((4, 8, 8, 8)).astype(np.float32)])
+  varied = mmd.kwon_mmd_protocol(real2, gen, key=jax.random.key(0), batch=4, repeats=5)
+  row = evaluate._kwon_row(varied, 4, 5, n=4, m=8)
+  assert not row["degenerate"] and row["std"] > 0
+  assert "±" in evaluate.table_markdown([{"name": "m", "mmd_kwon": row}], None)

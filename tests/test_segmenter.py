@@ -54,3 +54,17 @@ def test_segmenter_needs_labels(tmp_path):
   cache = make_cache(str(tmp_path / "c"), num=3, grid=16, num_val=1, labels=False)
   with pytest.raises(DataError, match="no labels"):
     segmenter.train_segmenter(tiny_config(), str(tmp_path / "w"), cache)
+
+
+def test_augment_blurs_and_shifts_contrast_within_range():
+  x = np.zeros((8, 16, 16, 1), np.float32)
+  x[:, 4:12, 4:12] = 0.8
+  out = np.asarray(segmenter.augment(jnp.asarray(x), jax.random.key(0), 2.0))
+  assert out.shape == x.shape and 0.0 <= out.min() and out.max() <= 1.0
+  assert not np.allclose(out, x)
+  # Blurred slices have intermediate values at the square's edge; sharp ones do not.
+  edge = out[:, 3, 8, 0]
+  assert np.any(edge > 0.01)
+  # Same key, same augmentation (the step folds the step number into its key).
+  again = np.asarray(segmenter.augment(jnp.asarray(x), jax.random.key(0), 2.0))
+  np.testing.assert_array_equal(out, again)
