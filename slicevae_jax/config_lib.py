@@ -20,7 +20,7 @@ BN_MODES = ("running", "volume")
 LR_SCHEDULES = ("constant", "cosine")
 CACHE_DTYPES = ("float32", "float16", "uint8")
 SOURCES = ("nifti", "synthetic")
-LAYOUTS = ("auto", "hcp", "flat", "csv")
+LAYOUTS = ("auto", "hcp", "bids", "flat", "csv")
 LABEL_MAPS = ("none", "freesurfer15")
 # The latent model over the stack (latent_gaussian): paper §2.1 per_dim, or joint, rotated.
 LATENT_MODELS = ("per_dim", "joint", "rotated")
@@ -36,11 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
   # --- data: where volumes come from and how they are cached -------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "nifti"           # 'nifti' (a folder of volumes) | 'synthetic' (embedded default)
-  d.root = ""                  # folder of subjects (HCP layout), of .nii/.nii.gz files, or a .csv list
-  d.layout = "auto"            # 'auto' | 'hcp' | 'flat' | 'csv' (rows path[,labels][,split])
+  d.root = ""                  # subjects (HCP or BIDS), a folder of .nii/.nii.gz files, or a .csv list
+  d.layout = "auto"            # 'auto' | 'hcp' | 'bids' | 'flat' | 'csv' (rows path[,labels][,split])
   d.hcp_image = "T1w/T1w_acpc_dc_restore_brain.nii.gz"  # per-subject path in HCP layout
   d.hcp_labels = "T1w/aparc+aseg.nii.gz"              # per-subject labels in HCP layout ('' = none)
-  d.labels_dir = ""            # flat layout: folder of label volumes with the same file names
+  d.labels_dir = ""            # flat: label volumes with the images' names; bids: a derivatives tree
+  d.bids_desc = ""             # bids: desc-<label> of the *_dseg file to use where there are several
   d.label_map = "freesurfer15"  # 'freesurfer15' (aseg grouped into 15 classes) | 'none'
   d.cache_dir = ""             # '' = <workdir>/cache
   d.cache_dtype = "float32"    # 'float32' | 'float16' | 'uint8' (no JPEG, unlike the reference)

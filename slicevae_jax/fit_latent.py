@@ -1,8 +1,11 @@
-"""Latent stage: encode N training volumes slice by slice, fit the per-dimension Gaussian.
+"""Latent stage: encode N training volumes slice by slice, fit the latent Gaussian models.
 
-Reads the cache and the newest checkpoint, writes `<workdir>/latent_gaussian.npz`
-(mean, W, singular values and the metadata sampling needs: slice axis, grid,
-voxel size, affine, checkpoint step), so sampling never re-encodes volumes. The
+Reads the cache and the newest checkpoint, writes `<workdir>/latent_gaussian.npz` for the
+config's `latent.model` (per_dim: the paper's per-dimension slice Gaussians, §2.1; joint;
+rotated) with the metadata sampling needs (mean, factors, singular values, slice axis,
+grid, voxel size, affine, checkpoint step), so sampling never re-encodes volumes, and
+`latent_<kind>.npz` for each other model the evaluation compares (`eval.latent_models`),
+fitted on the same codes. The
 meta also records what the fit depends on (`fit_inputs`: checkpoint step,
 requested rank and count, latent model, BN mode, seed); `--mode=all` refits when
 any of them changed.

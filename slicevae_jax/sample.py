@@ -28,12 +28,12 @@ INDEX = "samples.json"
 def sample_inputs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """What slice VAE samples depend on beyond step, count and seed, for `samples.json`.
 
-  The latent file's SHA-256 (any refit, whatever changed, makes new samples) and
-  the BN mode decoding uses; {} for the 3D baselines, which have neither.
+  The latent model drawn from, the latent file's SHA-256 (any refit, whatever
+  changed, makes new samples) and the BN mode decoding uses; {} for the 3D baselines, which have neither.
   """
   if config.model_type != "slice_vae":
     return {}
-  return {"bn_mode": str(config.model.bn_mode),
+  return {"latent_model": str(config.latent.model), "bn_mode": str(config.model.bn_mode),
           "latent_sha256": staleness.file_sha256(os.path.join(workdir, inference.LATENT_FILE))}
 
 

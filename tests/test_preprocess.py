@@ -449,3 +449,74 @@ def test_preprocess_module_does_not_import_jax():
           "sys.exit(1 if 'jax' in sys.modules else 0)")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   assert subprocess.run([sys.executable, "-c", code], cwd=repo, check=False).returncode == 0
+
+
+def _write_bids(root, derivatives=None):
+  """sub-01 with two sessions, sub-02 with two runs and no session, sub-03, sub-04."""
+  files = ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+           "sub-02/anat/sub-02_run-1_T1w.nii.gz", "sub-02/anat/sub-02_run-2_T1w.nii",
+           "sub-03/anat/sub-03_T1w.nii.gz", "sub-04/anat/sub-04_T1w.nii.gz"]
+  for i, rel in enumerate(files):
+    img, aseg = _brain(20 + i)
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+    nifti.save_volume(os.path.join(root, rel), img, _ras_affine())
+    if derivatives:
+      entities = os.path.basename(rel).split("_T1w")[0]
+      seg = os.path.join(derivatives, os.path.dirname(rel), f"{entities}_desc-aseg_dseg.nii.gz")
+      os.makedirs(os.path.dirname(seg), exist_ok=True)
+      nifti.save_volume(seg, aseg, _ras_affine(), dtype=np.int16)
+  # Not T1w volumes of the dataset: ignored.
+  os.makedirs(os.path.join(root, "sub-03", "func"))
+  nifti.save_volume(os.path.join(root, "sub-03", "func", "sub-03_bold.nii.gz"), img,
+                    _ras_affine())
+  nifti.save_volume(os.path.join(root, "sub-03", "anat", "sub-03_T2w.nii.gz"), img, _ras_affine())
+  (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+  return files
+
+
+def test_bids_layout_sessions_runs_and_derivative_labels(tmp_path):
+  root, deriv = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "freesurfer"
+  _write_bids(root, deriv)
+  subs = preprocess.find_subjects(root, labels_dir=str(deriv))       # 'auto' finds BIDS
+  assert [(s.id, s.group) for s in subs] == [
+      ("sub-01_ses-1", "sub-01"), ("sub-01_ses-2", "sub-01"), ("sub-02_run-1", "sub-02"),
+      ("sub-02_run-2", "sub-02"), ("sub-03", "sub-03"), ("sub-04", "sub-04")]
+  assert subs[1].labels == str(deriv / "sub-01" / "ses-2" / "anat" /
+                               "sub-01_ses-2_desc-aseg_dseg.nii.gz")
+  assert preprocess.find_subjects(root, "bids")[0].labels is None
+  # Two segmentations of one volume: refused unless data.bids_desc picks one.
+  other = deriv / "sub-03" / "anat" / "sub-03_desc-synthseg_dseg.nii.gz"
+  other.write_bytes((deriv / "sub-03" / "anat" / "sub-03_desc-aseg_dseg.nii.gz").read_bytes())
+  with pytest.raises(DataError, match="2 segmentations match sub-03.*data.bids_desc"):
+    preprocess.find_subjects(root, labels_dir=str(deriv))
+  picked = preprocess.find_subjects(root, labels_dir=str(deriv), bids_desc="synthseg")
+  assert picked[4].labels == str(other)
+  with pytest.raises(DataError, match="no segmentation matches a T1w volume"):
+    preprocess.find_subjects(root, labels_dir=str(tmp_path))
+  empty = tmp_path / "empty"
+  os.makedirs(empty / "sub-05" / "anat")
+  with pytest.raises(DataError, match=r"layout 'bids': looked for <root>/sub-\*"):
+    preprocess.find_subjects(empty, "bids")
+
+  # The cache keeps each participant's sessions and runs in one split.
+  os.remove(other)
+  cache = preprocess.build_cache(_config(root, labels_dir=str(deriv), num_val=2),
+                                 str(tmp_path / "cache"))
+  assert len(cache) == 6 and cache.labels is not None
+  split_of = {}
+  for s in cache.subjects:
+    split_of.setdefault(s["participant"], set()).add(s["split"])
+  assert all(len(v) == 1 for v in split_of.values())
+  assert len(cache.split("val")) >= 2 and len(cache.split("train")) >= 1
+
+
+def test_split_by_groups_equals_the_plain_split_without_groups():
+  for num, num_val, seed in [(10, 3, 0), (7, 6, 1), (5, 0, 2), (64, 16, 0)]:
+    plain = preprocess.split_subjects(num, num_val, seed)
+    assert preprocess.split_subjects(num, num_val, seed, [f"s{i}" for i in range(num)]) == plain
+    assert plain.count("val") == min(num_val, num - 1)
+  # Two groups of five: at least 3 held out means a whole group, and one stays to train.
+  split = preprocess.split_subjects(10, 3, 0, ["a"] * 5 + ["b"] * 5)
+  assert len(set(split[:5])) == 1 and len(set(split[5:])) == 1
+  assert split.count("val") == 5 and split.count("train") == 5
+  assert preprocess.split_subjects(10, 9, 0, ["a"] * 5 + ["b"] * 5).count("train") == 5

@@ -13,11 +13,13 @@ script that calls `build_cache` with `data.num_workers > 1` must do so under
 worker re-imports the main script.
 """
 
+import collections
 import concurrent.futures as futures
 import csv
 import dataclasses
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -270,11 +272,14 @@ class Subject:
   """One volume to preprocess: id (unique), image path, labels path or None.
 
   `split` is 'train' or 'val' when the list fixes it (a CSV's split column), else None.
+  `group` names the participant when several volumes are one person's (BIDS sessions and
+  runs): the split keeps a participant's volumes together. None: the volume is its own.
   """
   id: str
   image: str
   labels: str | None = None
   split: str | None = None
+  group: str | None = None
 
 
 def _strip_nifti(name: str) -> str | None:
@@ -368,10 +373,68 @@ def _csv_subjects(csv_path: str) -> list[Subject]:
   return out
 
 
+# A BIDS T1w file name: its entities (sub-<label>[_ses-<label>][_acq-...][_run-...]) and suffix.
+_BIDS_T1W = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*)_T1w\.nii(?:\.gz)?$")
+BIDS_PATTERN = "<root>/sub-*/[ses-*/]anat/sub-*_T1w.nii[.gz]"
+
+
+def _bids_anat_folders(root: str, participant: str) -> list[str]:
+  folder = os.path.join(root, participant)
+  sessions = sorted(n for n in os.listdir(folder)
+                    if n.startswith("ses-") and os.path.isdir(os.path.join(folder, n)))
+  return [os.path.join(participant, "anat")] + [
+      os.path.join(participant, ses, "anat") for ses in sessions]
+
+
+def _bids_labels(labels_dir: str, rel_folder: str, entities: str, desc: str) -> str:
+  """The derivative segmentation with the T1w's entities: <entities>_[...]_dseg.nii[.gz]."""
+  folder = os.path.join(labels_dir, rel_folder)
+  names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  found = [n for n in names if n.startswith(entities + "_")
+           and re.search(r"_dseg\.nii(\.gz)?$", n)
+           and (not desc or f"_desc-{desc}_" in n)]
+  if len(found) > 1:
+    raise DataError(f"{folder}: {len(found)} segmentations match {entities} ({', '.join(found)}); "
+                    f"set data.bids_desc to the desc-<label> of the one to use")
+  # None found: the expected name is kept, so the subject fails naming the missing file.
+  return os.path.join(folder, found[0] if found else
+                      f"{entities}{'_desc-' + desc if desc else ''}_dseg.nii.gz")
+
+
+def _bids_subjects(root: str, labels_dir: str, desc: str) -> list[Subject]:
+  """Every T1w volume of a BIDS dataset: one per participant, session and run.
+
+  The id is the file's entities (`sub-01_ses-2_run-1`); `group` is the participant, so
+  the split holds out whole participants. Labels (with `labels_dir`, a derivatives folder
+  with the same sub-/ses-/anat tree) are the `*_dseg.nii[.gz]` file carrying the T1w's
+  entities, narrowed by `desc` (a `desc-<label>` entity) when there are several.
+  """
+  out = []
+  for participant in sorted(os.listdir(root)):
+    if not (participant.startswith("sub-") and os.path.isdir(os.path.join(root, participant))):
+      continue
+    for rel in _bids_anat_folders(root, participant):
+      folder = os.path.join(root, rel)
+      if not os.path.isdir(folder):
+        continue
+      for name in sorted(os.listdir(folder)):
+        match = _BIDS_T1W.match(name)
+        if match is None or not os.path.isfile(os.path.join(folder, name)):
+          continue
+        entities = match.group(1)
+        labels = _bids_labels(labels_dir, rel, entities, desc) if labels_dir else None
+        out.append(Subject(entities, os.path.join(folder, name), labels, group=participant))
+  if labels_dir and out and not any(os.path.isfile(s.labels) for s in out):
+    raise DataError(f"{labels_dir}: no segmentation matches a T1w volume of {root} (expected "
+                    f"e.g. {out[0].labels}: the same sub-/ses-/anat folders, a name starting "
+                    f"with the T1w's entities and ending _dseg.nii.gz); fix data.labels_dir")
+  return out
+
+
 def find_subjects(root: str, layout: str = "auto", *,
                   hcp_image: str = "T1w/T1w_acpc_dc_restore_brain.nii.gz",
                   hcp_labels: str = "T1w/aparc+aseg.nii.gz",
-                  labels_dir: str = "") -> list[Subject]:
+                  labels_dir: str = "", bids_desc: str = "") -> list[Subject]:
   """Lists the subjects under `root`, sorted by id.
 
   Layouts:
@@ -382,9 +445,12 @@ def find_subjects(root: str, layout: str = "auto", *,
       A subject whose label file is missing is listed anyway and fails at
       preprocessing time with an error naming the missing file (skipped, or
       fatal with data.strict).
+    'bids': `<root>/sub-*/[ses-*/]anat/sub-*_T1w.nii[.gz]`, one volume per participant,
+      session and run; labels from a derivatives folder `labels_dir` with the same tree
+      (see `_bids_subjects`); the split keeps each participant's volumes together.
     'csv': `root` is a CSV file listing `path[,labels][,split]` (see `_csv_subjects`).
     'auto': 'csv' if `root` is a .csv file, else 'hcp' if any subfolder holds
-      `hcp_image`, else 'flat'.
+      `hcp_image`, else 'bids' if any `sub-*` folder holds a T1w volume, else 'flat'.
   Raises:
     DataError naming the folder: root (or labels_dir) missing / not a folder,
     no volumes found.
@@ -392,9 +458,9 @@ def find_subjects(root: str, layout: str = "auto", *,
   root = os.path.abspath(os.fspath(root))
   if not os.path.exists(root):
     raise DataError(f"{root}: data folder does not exist (data.root)")
-  if layout not in ("auto", "hcp", "flat", "csv"):
-    raise ConfigError(f"config key 'data.layout' is {layout!r}; choose 'auto', 'hcp', 'flat' "
-                      f"or 'csv'")
+  if layout not in ("auto", "hcp", "bids", "flat", "csv"):
+    raise ConfigError(f"config key 'data.layout' is {layout!r}; choose 'auto', 'hcp', 'bids', "
+                      f"'flat' or 'csv'")
   if layout == "csv" or (layout == "auto" and root.lower().endswith(".csv")):
     if not os.path.isfile(root):
       raise DataError(f"{root}: data.layout 'csv' needs data.root to be a CSV file")
@@ -411,9 +477,14 @@ def find_subjects(root: str, layout: str = "auto", *,
   if layout == "hcp":
     raise DataError(f"{root}: no volumes found (layout 'hcp': looked for "
                     f"<root>/<subject>/{hcp_image})")
+  bids = _bids_subjects(root, labels_dir, bids_desc) if layout in ("auto", "bids") else []
+  if bids:
+    return bids
+  if layout == "bids":
+    raise DataError(f"{root}: no volumes found (layout 'bids': looked for {BIDS_PATTERN})")
   flat = _flat_subjects(root, labels_dir)
   if not flat:
-    searched = (f"layout 'auto': looked for <root>/<subject>/{hcp_image} and "
+    searched = (f"layout 'auto': looked for <root>/<subject>/{hcp_image}, {BIDS_PATTERN} and "
                 f"<root>/*.nii, *.nii.gz" if layout == "auto"
                 else "layout 'flat': looked for <root>/*.nii, *.nii.gz")
     raise DataError(f"{root}: no volumes found ({searched})")
@@ -464,11 +535,26 @@ def _settings(d: Any) -> dict[str, Any]:
   }
 
 
-def split_subjects(num: int, num_val: int, seed: int) -> list[str]:
-  """'train'/'val' per subject: `num_val` (at most num - 1) chosen by a seeded permutation."""
+def split_subjects(num: int, num_val: int, seed: int,
+                   groups: Sequence[Any] | None = None) -> list[str]:
+  """'train'/'val' per subject: `num_val` (at most num - 1) chosen by a seeded permutation.
+
+  With `groups` (one per subject: the participant of each BIDS session), whole groups are
+  held out in a seeded order until at least `num_val` subjects are, and at least one group
+  stays for training, so no person is in both splits. Without, every subject is its own
+  group (the same split as a permutation of the subjects).
+  """
+  groups = list(range(num)) if groups is None else list(groups)
+  order = list(dict.fromkeys(groups))                  # groups in order of first appearance
+  sizes = collections.Counter(groups)
   num_val = max(0, min(int(num_val), num - 1))
-  val = set(np.random.default_rng(int(seed)).permutation(num)[:num_val].tolist())
-  return ["val" if i in val else "train" for i in range(num)]
+  val, count = set(), 0
+  for i in np.random.default_rng(int(seed)).permutation(len(order))[: len(order) - 1]:
+    if count >= num_val:
+      break
+    val.add(order[i])
+    count += sizes[order[i]]
+  return ["val" if g in val else "train" for g in groups]
 
 
 def _process_subject(task: dict[str, Any]) -> dict[str, Any]:
@@ -587,7 +673,7 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
     return cache
 
   subjects = find_subjects(d.root, d.layout, hcp_image=d.hcp_image, hcp_labels=d.hcp_labels,
-                           labels_dir=d.labels_dir)
+                           labels_dir=d.labels_dir, bids_desc=d.bids_desc)
   if int(d.max_subjects) > 0:
     subjects = subjects[: int(d.max_subjects)]
   listed_split = subjects[0].split is not None
@@ -607,7 +693,8 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
       raise DataError(msg + "; give labels for all subjects or none")
     logging.warning("%s; the cache will hold no labels", msg)
 
-  splits = split_subjects(len(subjects), d.num_val, config.seed)
+  splits = split_subjects(len(subjects), d.num_val, config.seed,
+                          [s.group or s.id for s in subjects])
   if listed_split:
     # The subject list fixes the split by hand (CSV split column): data.num_val is unused.
     splits = [s.split for s in subjects]
@@ -618,7 +705,8 @@ def build_cache(config: Any, cache_dir: str, *, overwrite: bool = False,
     logging.info("%s: split as listed (%d train, %d val); data.num_val is not used", d.root,
                  splits.count("train"), splits.count("val"))
   entries = [{"id": s.id, "source": s.image, "labels": s.labels if with_labels else None,
-              "split": split} for s, split in zip(subjects, splits)]
+              "split": split, **({"participant": s.group} if s.group else {})}
+             for s, split in zip(subjects, splits)]
   g = int(d.grid)
   if shard is None:
     shard = (int(d.shard_index), int(d.num_shards))
