@@ -1,7 +1,7 @@
 r"""3D baselines (WGAN-GP, VAE-GAN, α-GAN, α-WGAN, 3D VAE): step cost, memory and speed.
 
 For each resolution and model, the training iteration (`Baseline.step`, jitted
-by `baseline_stages.make_train_step` with its shardings and donation, on a
+by `trainer.jit_train_step` with its shardings and donation, on a
 1-device mesh) is lowered and compiled against abstract inputs, so nothing
 runs and nothing is allocated; from the compiled program it reports:
 
@@ -45,9 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from slicevae_jax import baseline_stages, baselines, config_lib, parallel  # noqa: E402
+from slicevae_jax import config_lib, parallel, trainer  # noqa: E402
+from slicevae_jax.baselines import stages, steps  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -73,7 +75,8 @@ class Row:
 
 
 def model_config(res: int, model: str, a: argparse.Namespace):
-  config = config_lib.as_baseline(config_lib.paper_config(res), model)
+  hcp = config_lib.load_module(os.path.join(ROOT, "configs", f"hcp{res}.py")).get_config()
+  config = stages.as_baseline(hcp, model)
   config.train.batch_size = a.batch
   b = config.baseline
   if a.max_channels is not None:
@@ -100,14 +103,14 @@ def _flops(cost) -> float:
 def _abstract_inputs(model, mesh, batch: int):
   g = model.grid
   x = jax.ShapeDtypeStruct((batch, g, g, g, 1), jnp.float32, sharding=parallel.sharded(mesh))
-  return baseline_stages.abstract_state(model, mesh), x, jax.random.key(0)
+  return trainer.abstract_state(model.init, mesh), x, jax.random.key(0)
 
 
 def _lowered_flops(config, mesh, batch: int, n_critic: int, n_gen: int) -> float:
   c = config.copy_and_resolve_references()
   c.baseline.n_critic, c.baseline.n_gen = n_critic, n_gen
-  model = baselines.build(c)
-  step = baseline_stages.make_train_step(model, mesh)
+  model = stages.build(c)
+  step = trainer.jit_train_step(model.step, mesh)
   return _flops(step.lower(*_abstract_inputs(model, mesh, batch)).cost_analysis())
 
 
@@ -119,7 +122,7 @@ def schedule_flops(config, mesh, batch: int, compiled_flops: float,
   and L(1, 2) give one critic and one generator-side update exactly, and the
   difference from the real program's lowered count is added to its compiled count.
   """
-  n_critic, n_gen = baselines.updates_per_iteration(config)
+  n_critic, n_gen = stages.updates_per_iteration(config)
   if n_critic == 1 and n_gen == 1:
     return compiled_flops
   base = _lowered_flops(config, mesh, batch, 1, 1)
@@ -134,8 +137,8 @@ def schedule_flops(config, mesh, batch: int, compiled_flops: float,
 def build(res: int, model_name: str, a: argparse.Namespace, mesh):
   """(Row with the compile-time figures, compiled step, model)."""
   config = model_config(res, model_name, a)
-  model = baselines.build(config)
-  step = baseline_stages.make_train_step(model, mesh)
+  model = stages.build(config)
+  step = trainer.jit_train_step(model.step, mesh)
   abstract = _abstract_inputs(model, mesh, a.batch)
   t = time.perf_counter()
   lowered = step.lower(*abstract)
@@ -257,7 +260,7 @@ def reading(rows: list[Row], timed: bool, cpu: bool, platform_name: str) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--models", nargs="*", default=list(baselines.MODELS), choices=baselines.MODELS)
+  p.add_argument("--models", nargs="*", default=list(steps.MODELS), choices=steps.MODELS)
   p.add_argument("--res", type=int, nargs="*", default=[64])
   p.add_argument("--batch", type=int, default=4, help="volumes per step (the reference's 4)")
   p.add_argument("--steps", type=int, default=2, help="timed iterations per round")

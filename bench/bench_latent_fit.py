@@ -2,7 +2,7 @@ r"""Latent model fit (`latent_gaussian.fit`, every `latent.model`): wall time an
 
 Fits each latent model to random encoded stacks of the real shapes, N = 400
 training volumes of S = grid slices with L = 1024 latent entries each, at the
-paper's rank for that grid (config_lib.PAPER: 64 at 64³ and 256³, 128 at 128³).
+paper's rank for that grid (configs/hcpXX.py: 64 at 64³ and 256³, 128 at 128³).
 Each (grid, model) runs in its own process, so the peak resident memory that
 process reports (resource.getrusage(RUSAGE_SELF).ru_maxrss at its end) is that
 fit's own, together with the N·S·L float32 input it was given (0.4 GB at 256³;
@@ -33,7 +33,7 @@ WORKER = r"""
 import json, resource, sys, time
 import jax, numpy as np
 sys.path.insert(0, {root!r})
-from slicevae_jax import latent_gaussian as lg
+from slicevae_jax.slicevae import latent as lg
 maxrss_gib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 y = np.random.default_rng(0).standard_normal(({n}, {s}, {l}), dtype=np.float32)
 before = maxrss_gib()
@@ -71,7 +71,8 @@ def main():
   info, over = {}, []
   load_before = os.getloadavg()[0]
   for res in a.res:
-    rank = config_lib.PAPER[res]["rank"]
+    hcp = config_lib.load_module(os.path.join(ROOT, "configs", f"hcp{res}.py")).get_config()
+    rank = hcp.latent.rank
     for model in a.models:
       r = run_case(res, model, rank)
       info = r

@@ -29,21 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
+from slicevae_jax import config_lib  # noqa: E402
 from slicevae_jax import fileio  # noqa: E402
 from slicevae_jax import pipeline  # noqa: E402
-from slicevae_jax import segmenter as seg_lib  # noqa: E402
-from slicevae_jax.evaluate import EVAL_DIR, METRICS_FILE  # noqa: E402
+from slicevae_jax import workdir as workdir_lib  # noqa: E402
 
 
 def load_config(spec: str):
   """configs/x.py[:arg] -> ConfigDict, as --config does."""
   path, _, arg = spec.partition(":")
-  namespace: dict = {}
-  with open(path, encoding="utf-8") as f:
-    code = compile(f.read(), path, "exec")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-  exec(code, namespace)  # pylint: disable=exec-used
-  return namespace["get_config"](arg or None)
+  return config_lib.load_module(path).get_config(arg or None)
 
 
 def run_budget(spec: str, steps: int, workdir: str, cache_dir: str, segmenter_from: str | None
@@ -54,12 +49,12 @@ def run_budget(spec: str, steps: int, workdir: str, cache_dir: str, segmenter_fr
   config.segmenter.progress = False
   config.data.cache_dir = cache_dir
   os.makedirs(workdir, exist_ok=True)
-  if segmenter_from and not os.path.exists(os.path.join(workdir, seg_lib.SUBDIR)):
-    shutil.copytree(os.path.join(segmenter_from, seg_lib.SUBDIR),
-                    os.path.join(workdir, seg_lib.SUBDIR))
+  if segmenter_from and not os.path.exists(workdir_lib.segmenter_dir(workdir)):
+    shutil.copytree(workdir_lib.segmenter_dir(segmenter_from), workdir_lib.segmenter_dir(workdir))
   t0 = time.perf_counter()
   pipeline.run(config, workdir, "all")
-  return fileio.read_json(os.path.join(workdir, EVAL_DIR, METRICS_FILE)), time.perf_counter() - t0
+  metrics = os.path.join(workdir_lib.eval_dir(workdir), workdir_lib.METRICS_FILE)
+  return fileio.read_json(metrics), time.perf_counter() - t0
 
 
 def _f(v, fmt=".3f"):

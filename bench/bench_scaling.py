@@ -30,12 +30,13 @@ WORKER = r"""
 import json, sys, time
 import jax, numpy as np
 sys.path.insert(0, {root!r})
-from slicevae_jax import config_lib, parallel, train
+from slicevae_jax import config_lib, parallel
 from slicevae_jax.models import slice_vae
+from slicevae_jax.slicevae import train
 res, per_dev, steps = {res}, {per_dev}, {steps}
 mesh = parallel.make_mesh()
 n = mesh.devices.size
-config = config_lib.paper_config(res)
+config = config_lib.load_module({root!r} + f"/configs/hcp{{res}}.py").get_config()
 model = slice_vae.from_config(config)
 tx = train.make_optimizer(config)
 state = train.create_state(model, tx, mesh, jax.random.key(0))
@@ -56,11 +57,12 @@ COST = r"""
 import json, sys
 import jax, jax.numpy as jnp
 sys.path.insert(0, {root!r})
-from slicevae_jax import config_lib, parallel, train
+from slicevae_jax import config_lib, parallel
 from slicevae_jax.models import slice_vae
+from slicevae_jax.slicevae import train
 res, batch = {res}, {batch}
 mesh = parallel.make_mesh(1)
-config = config_lib.paper_config(res)
+config = config_lib.load_module({root!r} + f"/configs/hcp{{res}}.py").get_config()
 model = slice_vae.from_config(config)
 tx = train.make_optimizer(config)
 abstract = train.abstract_state(model, tx, mesh)

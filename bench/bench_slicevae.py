@@ -26,12 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from slicevae_jax import config_lib, inference, latent_gaussian as lg, parallel, train  # noqa: E402
+from slicevae_jax import config_lib, parallel  # noqa: E402
 from slicevae_jax.data import slices as slices_lib  # noqa: E402
 from slicevae_jax.data.cache import CacheWriter  # noqa: E402
 from slicevae_jax.models import slice_vae  # noqa: E402
+from slicevae_jax.slicevae import inference, train  # noqa: E402
+from slicevae_jax.slicevae import latent as lg  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -52,7 +55,7 @@ def peak_memory_gib() -> tuple[str, float]:
 
 def bench_resolution(res: int, batch: int, steps: int, n_latent: int, n_sample: int,
                      cache_volumes: int) -> dict:
-  config = config_lib.paper_config(res)
+  config = config_lib.load_module(os.path.join(ROOT, "configs", f"hcp{res}.py")).get_config()
   config.train.batch_size = batch
   mesh = parallel.make_mesh()
   model = slice_vae.from_config(config)

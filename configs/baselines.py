@@ -9,12 +9,12 @@ Arguments (comma-separated after the colon):
   demo    train on the embedded default data set instead of data.root
   smoke   32³, tiny networks, 2 steps: checks the pipeline in a minute
 
-Settings, as the reference released them (DESIGN §3): whole volumes in [-1, 1],
+Settings, as the reference released them (paper §3.1, §3.3): whole volumes in [-1, 1],
 batch 4, Adam(lr 2e-4, torch-default β = (0.9, 0.999)) for every network
 (VAE-GAN 1e-4; our 3D VAE 1e-4), latent 1000 (3D VAE: 512·res/64), 200 000
 iterations, channel widths 512 → 64 at 64³ with one more stage per doubling,
 α-GAN with instance norm at 256³; update schedules and the reference's two bugs
-(behind switches) are described in slicevae_jax/baselines.py. Data preprocessing, the
+(behind switches) are described in slicevae_jax/baselines/steps.py. Data preprocessing, the
 held-out split and every evaluation setting are those of `hcp{res}.py`, so a
 baseline and a slice VAE trained on the same data can share one cache
 (--config.data.cache_dir) and are scored against the same held-out volumes.
@@ -28,13 +28,20 @@ Expected run time: days on one GPU at full length, as in the paper.
 """
 
 from slicevae_jax import config_lib
+from slicevae_jax.baselines import stages
+from slicevae_jax.errors import ConfigError
+
+common = config_lib.load_module("common.py", beside=__file__)
+RESOLUTIONS = (64, 128, 256)
+
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, model="alpha_wgan", res=64, demo=False, smoke=False)
-  if args.res not in config_lib.PAPER:
-    raise config_lib.ConfigError(
-        f"configs/baselines.py: res={args.res}; choose one of {sorted(config_lib.PAPER)}")
-  config = config_lib.as_baseline(config_lib.paper_config(args.res), args.model)
+  args = common.parse_arg(arg, model="alpha_wgan", res=64, demo=False, smoke=False)
+  if args.res not in RESOLUTIONS:
+    raise ConfigError(f"configs/baselines.py: res={args.res}; choose one of {list(RESOLUTIONS)}")
+  # hcp{res}'s data and evaluation; batch 4 volumes and the model's learning rate
+  # (stages.BASELINE_LR: 2e-4, VAE-GAN and the 3D VAE 1e-4).
+  config = stages.as_baseline(common.get(f"hcp{args.res}"), args.model)
   t = config.train
   t.num_steps = 200_000
   t.log_every = 100
@@ -47,7 +54,7 @@ def get_config(arg=None):
     config.data.num_val = 8
     config.data.synth.num_subjects = 64
   if args.smoke:
-    config = config_lib.smoke(config)
+    config = common.smoke(config)
     config.train.batch_size = 8
     config.train.num_steps = 2
   return config

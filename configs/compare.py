@@ -1,6 +1,6 @@
 r"""Every model of the paper's Table 1 on the embedded default data at 64³, one equal budget.
 
-  python -m slicevae_jax.compare --config=configs/compare.py --workdir=runs/compare
+  python -m slicevae_jax.main --mode=compare --config=configs/compare.py --workdir=runs/compare
 
 Trains the slice VAE (the `demo.py` settings) and the five 3D baselines
 (WGAN-GP, VAE-GAN, α-GAN, α-WGAN, 3D VAE; `baselines.py` settings) on one
@@ -22,23 +22,14 @@ Variants:
   smoke   32³, tiny networks, a few steps: checks the comparison end to end.
 """
 
-import importlib.util
-import os
-
 from slicevae_jax import config_lib
 
-
-def _demo(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-  spec = importlib.util.spec_from_file_location("slicevae_demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+common = config_lib.load_module("common.py", beside=__file__)
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, cpu=False, smoke=False, epochs=0.0)
-  config = _demo("smoke" if args.smoke else None)
+  args = common.parse_arg(arg, cpu=False, smoke=False, epochs=0.0)
+  config = common.get("demo", "smoke" if args.smoke else None)
   config.name = "compare64" if not args.smoke else "compare_smoke"
   c = config.compare
   c.models = config_lib.MODEL_TYPES

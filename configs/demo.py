@@ -36,13 +36,15 @@ Variants:
 
 from slicevae_jax import config_lib
 
+common = config_lib.load_module("common.py", beside=__file__)
+
 # β of the demo's loss (see the docstring); the paper's is 0.2.
 KL_WEIGHT = 0.01
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, smoke=False, long=False)
-  config = config_lib.paper_config(64)
+  args = common.parse_arg(arg, smoke=False, long=False)
+  config = common.get("hcp64")          # the paper's 64³ grid and model; changes below
   config.name = "demo"
   config.data.source = "synthetic"
   config.data.n4 = False
@@ -75,5 +77,5 @@ def get_config(arg=None):
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500
   if args.smoke:
-    config = config_lib.smoke(config)
+    config = common.smoke(config)
   return config

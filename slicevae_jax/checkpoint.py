@@ -1,4 +1,4 @@
-"""Checkpoints: one orbax CheckpointManager wrapper used by every training run.
+"""Checkpoints of every training run: state <-> <run>/checkpoints/<step>/ (orbax).
 
 Orbax writes each step into a temporary folder and renames it when complete,
 so a killed run leaves either a whole checkpoint or none; `latest_step()` only

@@ -1,19 +1,23 @@
-"""The configuration schema shared by every experiment config in `configs/`.
+"""Config schema: every key any stage reads, with its default, and the one validate().
 
 `base_config()` lists every key the code reads, with its default. Experiment
-configs start from it and override values; `validate()` rejects keys the schema
-does not know (a typo in a user's config is an error, not a silent default) and
-values the model cannot take.
+configs (`configs/`, with their shared presets in configs/common.py) start from
+it and override values; `validate()` rejects keys the schema does not know (a
+typo in a user's config is an error, not a silent default) and values the code
+cannot take, so a bad value stops a run before any work, naming its key.
 """
 
+import importlib.util
+import os
+import types
 from typing import Any
 
 import ml_collections
 
 from slicevae_jax.errors import ConfigError
 
-MODES = ("preprocess", "train", "fit_latent", "sample", "evaluate", "all")
-# What `train`/`sample` build: the slice VAE (this paper) or one of the 3D baselines (DESIGN §3).
+# What `train`/`sample` build: the slice VAE (this paper) or one of the 3D baselines
+# (paper §3.1: Kwon et al.'s four GANs and a 3D VAE).
 MODEL_TYPES = ("slice_vae", "wgan_gp", "vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
 BASELINE_NORMS = ("auto", "batch", "instance", "none")
 BN_MODES = ("running", "volume")
@@ -22,8 +26,10 @@ CACHE_DTYPES = ("float32", "float16", "uint8")
 SOURCES = ("nifti", "synthetic")
 LAYOUTS = ("auto", "hcp", "bids", "flat", "csv")
 LABEL_MAPS = ("none", "freesurfer15")
-# The latent model over the stack (latent_gaussian): paper §2.1 per_dim, or joint, rotated.
+# The latent model over the stack (slicevae/latent.py): paper §2.1 per_dim, or joint, rotated.
 LATENT_MODELS = ("per_dim", "joint", "rotated")
+# Image similarity of the RAS registration (metrics/registration.py).
+SIMILARITIES = ("ncc", "lncc", "mse")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.gamma_range = (0.8, 1.25)
   s.noise_std = 0.01
 
-  # --- model: the slice VAE (DESIGN §1) ---------------------------------
+  # --- model: the slice VAE (paper §2.1, §3.1) ------------------------------
   c.model = m = ml_collections.ConfigDict()
   m.base_width = 16            # gf: 16 at 64², 8 at 128², 4 at 256²
   m.max_width = 128            # channels stop doubling here
@@ -85,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.skip_double_lrelu = False  # reference quirk: LeakyReLU(0.04) applied twice on the ResUp skip
   m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
 
-  # --- 3D baselines (model_type != 'slice_vae'; Kwon et al. 2019, DESIGN §3) ------
+  # --- 3D baselines (model_type != 'slice_vae'; paper §3.1, Kwon et al. 2019) ------
   # Trained whole-volume by the same loop; `train` sets batch size (volumes),
   # learning rate and steps. Channel widths halve per stage from max_channels at
   # 4³, one stage per doubling of the grid (64³: 512, 256, 128, 64).
@@ -132,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- latent Gaussian over the slice direction (paper §2.1) ------------
   c.latent = l = ml_collections.ConfigDict()
-  l.model = "per_dim"          # 'per_dim' (paper) | 'joint' | 'rotated': see latent_gaussian
+  l.model = "per_dim"          # 'per_dim' (paper) | 'joint' | 'rotated': see slicevae/latent.py
   l.num_volumes = 400          # N training volumes encoded
   l.rank = 64                  # P, truncated rank of each W_l (joint: of the one W)
   l.encode_batch = 8           # volumes encoded at once
@@ -156,10 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
   sg.keep_checkpoints = 2
   sg.num_eval_volumes = 8      # held-out volumes for the per-label validation Dice
   sg.augment_blur_max = 0.0    # > 0: train on slices blurred up to this σ (pixels) and
-                               # gamma-shifted (segmenter.augment); 0 = real slices as they are
+                               # gamma-shifted (eval/segmenter.augment); 0 = real slices as they are
   sg.progress = True
 
-  # --- evaluation: MMD, MS-SSIM, RAS, segmenter FD (paper §2.2, §4; DESIGN §4) ---
+  # --- evaluation: MMD, MS-SSIM, RAS, segmenter FD (paper §2.2, §4) ---------------
   c.eval = ev = ml_collections.ConfigDict()
   ev.num_generated = 0         # generated volumes evaluated (0 = all found)
   ev.num_real = 40             # real held-out volumes (the 'val' split; 0 = all)
@@ -182,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.reconstructions = True
   ev.latent_models = ("per_dim", "joint", "rotated")
 
-  # --- compare: every model on one data set with one budget (slicevae_jax.compare) ---------
+  # --- compare: every model on one data set with one budget (pipeline.compare) --------------
   c.compare = cp = ml_collections.ConfigDict()
   cp.models = MODEL_TYPES      # trained, sampled and scored in this order
   cp.epochs = 0.0              # equal budget: passes over the training volumes per model
@@ -200,37 +206,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses 'smoke' or 'key=value,flag' config arguments into a ConfigDict.
-
-  Keys not among `defaults` raise ConfigError; values take the defaults' types.
-  """
-  out = ml_collections.ConfigDict(dict(defaults))
-  if not arg:
-    return out
-  for item in arg.split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, eq, value = item.partition("=")
-    if key not in defaults:
-      raise ConfigError(
-          f"unknown config argument {key!r}; known: {sorted(defaults)}")
-    default = defaults[key]
-    if not eq:
-      if not isinstance(default, bool):
-        raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
-      out[key] = True
-    elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
-    else:
-      try:
-        out[key] = type(default)(value)
-      except ValueError as e:
-        raise ConfigError(f"config argument {key}={value!r}: {e}") from e
-  return out
-
-
 def _check_keys(cfg: Any, ref: Any, prefix: str) -> None:
   for key in cfg.keys():
     name = f"{prefix}{key}"
@@ -245,15 +220,6 @@ def _check_keys(cfg: Any, ref: Any, prefix: str) -> None:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
   if value not in choices:
     raise ConfigError(f"config key {name!r} is {value!r}; choose one of {list(choices)}")
-
-
-def num_down_stages(grid: int, latent_size: int) -> int:
-  """ResDown stages before the latent heads: grid halves down to 2·latent_size."""
-  stages, size = 0, grid
-  while size > 2 * latent_size:
-    size //= 2
-    stages += 1
-  return stages
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -302,19 +268,57 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       ("model.base_width", m.base_width)):
     if int(value) < 1:
       raise ConfigError(f"config key {name!r} must be >= 1, got {value}")
+  _check_synth(d.synth)
   check_eval(config.eval)
   if t.learning_rate <= 0:
     raise ConfigError(f"config key 'train.learning_rate' must be positive, got {t.learning_rate}")
   return config
 
 
-def check_eval(e: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on evaluation counts the metrics cannot take.
+def _pair(group: ml_collections.ConfigDict, prefix: str, name: str,
+          cast=float) -> tuple[Any, Any]:
+  """group[name] as a (low, high) pair, low <= high."""
+  value = group[name]
+  try:
+    lo, hi = (cast(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config key '{prefix}.{name}' must be a (low, high) pair, "
+                      f"got {value!r}") from e
+  if lo > hi:
+    raise ConfigError(f"config key '{prefix}.{name}' has low > high: {value!r}")
+  return lo, hi
 
-  (Registration settings are checked by `metrics.ras.registration_settings`.)
-  """
+
+def _check_synth(s: ml_collections.ConfigDict) -> None:
+  """The embedded default's generator settings (data.synth, data/synth.py)."""
+  scale_lo, _ = _pair(s, "data.synth", "scale_range")
+  _pair(s, "data.synth", "warp_std_mm")
+  gamma_lo, _ = _pair(s, "data.synth", "gamma_range")
+  kmin, _ = _pair(s, "data.synth", "warp_grid", int)
+  if kmin < 2:
+    raise ConfigError(f"config key 'data.synth.warp_grid' needs sizes >= 2, got {s.warp_grid!r}")
+  if scale_lo <= 0 or gamma_lo <= 0:
+    raise ConfigError("config keys 'data.synth.scale_range' and 'data.synth.gamma_range' "
+                      "must be positive")
+  for name in ("rotation_deg", "shift_vox", "bias_std", "noise_std"):
+    if float(s[name]) < 0:
+      raise ConfigError(f"config key 'data.synth.{name}' must be >= 0, got {s[name]}")
+  if int(s.num_subjects) < 1:
+    raise ConfigError(f"config key 'data.synth.num_subjects' must be >= 1, got "
+                      f"{s.num_subjects}")
+
+
+def check_eval(e: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on evaluation settings the metrics cannot take (part of validate)."""
   for kind in e.latent_models:
     _choice("eval.latent_models[]", kind, LATENT_MODELS)
+  levels, iters = int(e.reg_levels), tuple(int(i) for i in e.reg_iters)
+  if levels < 1 or len(iters) != levels:
+    raise ConfigError(f"config keys 'eval.reg_levels'={levels} and 'eval.reg_iters'={iters}: "
+                      f"need one iteration count per level")
+  _choice("eval.similarity", e.similarity, SIMILARITIES)
+  if not float(e.reg_lr) > 0:
+    raise ConfigError(f"config key 'eval.reg_lr' must be positive, got {e.reg_lr}")
   for key in ("mmd_batch", "mmd_repeats", "msssim_pairs", "msssim_batch", "pair_batch",
               "segment_batch", "fd_slabs"):
     if int(e[key]) < 1:
@@ -324,107 +328,19 @@ def check_eval(e: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {e[key]}")
 
 
-# Learning rates of the released baselines (VAE-GAN 1e-4 in the reference; our 3D VAE 1e-4).
-BASELINE_LR = {"wgan_gp": 2e-4, "vae_gan": 1e-4, "alpha_gan": 2e-4, "alpha_wgan": 2e-4,
-               "vae3d": 1e-4}
+def load_module(path: str, beside: str | None = None) -> types.ModuleType:
+  """Imports a Python file by its path, relative to the folder of file `beside` if given.
 
-
-def as_baseline(config: ml_collections.ConfigDict, model: str) -> ml_collections.ConfigDict:
-  """A copy of `config` that trains the 3D baseline `model` with its reference settings.
-
-  Keeps data, eval, segmenter and baseline groups; sets model_type, the name,
-  batch 4 volumes and the model's learning rate.
+  Config files live outside the package (in the repository's configs/) and are read by
+  path, as --config reads them; they reach configs/common.py beside them this way too:
+  `common = config_lib.load_module("common.py", beside=__file__)`.
   """
-  if model not in BASELINE_LR:
-    raise ConfigError(f"{model!r} is not a 3D baseline; choose one of {sorted(BASELINE_LR)}")
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.name = f"{model}{int(c.data.grid)}"
-  c.model_type = model
-  c.train.batch_size = 4
-  c.train.learning_rate = BASELINE_LR[model]
-  return c
-
-
-# Released reference settings per resolution (DESIGN §1, §5).
-PAPER = {
-    64: dict(voxel_size=2.8, base_width=16, rank=64, num_steps=74_000, cache_dtype="float32"),
-    128: dict(voxel_size=1.4, base_width=8, rank=128, num_steps=82_000, cache_dtype="float16"),
-    256: dict(voxel_size=0.7, base_width=4, rank=64, num_steps=53_000, cache_dtype="uint8"),
-}
-
-
-def paper_config(grid: int) -> ml_collections.ConfigDict:
-  """The paper's HCP settings at 64³, 128³ or 256³ (coronal slices, 960/40 split)."""
-  p = PAPER[grid]
-  c = base_config()
-  c.name = f"hcp{grid}"
-  c.data.source = "nifti"
-  c.data.grid = grid
-  c.data.voxel_size = p["voxel_size"]
-  c.data.cache_dtype = p["cache_dtype"]
-  c.data.n4 = True
-  c.data.num_val = 40
-  c.model.base_width = p["base_width"]
-  c.train.batch_size = 128
-  c.train.num_steps = p["num_steps"]
-  c.train.learning_rate = 1e-3
-  c.latent.num_volumes = 400
-  c.latent.rank = p["rank"]
-  c.sample.num_volumes = 16
-  if grid == 256:
-    # Paper §4.2: at 256³ the MMD used 10 passes of batch 4 (cost).
-    c.eval.mmd_batch, c.eval.mmd_repeats, c.eval.pair_batch = 4, 10, 2
-  return c
-
-
-def smoke(c: ml_collections.ConfigDict, grid: int = 32) -> ml_collections.ConfigDict:
-  """Shrinks a config to seconds on a CPU: tiny grid, model and step count.
-
-  Keeps the data source, so `hcpXX.py:smoke` with --config.data.root checks a
-  user's data pipeline end to end in a minute.
-  """
-  c.name += "_smoke"
-  c.data.voxel_size = c.data.voxel_size * c.data.grid / grid
-  c.data.grid = grid
-  c.data.n4 = False
-  c.data.num_val = 2
-  c.data.num_workers = 1
-  c.data.synth.num_subjects = 8
-  c.model.base_width = 4
-  c.model.max_width = 16
-  c.model.latent_channels = 16
-  c.train.batch_size = 16
-  c.train.num_steps = 4
-  c.train.log_every = 2
-  c.train.eval_every = 4
-  c.train.checkpoint_every = 2
-  c.train.num_val_slices = 16
-  c.train.progress = False
-  c.latent.num_volumes = 6
-  c.latent.rank = 4
-  c.sample.num_volumes = 2
-  c.sample.batch_volumes = 2
-  c.eval.num_real = 4
-  c.eval.mmd_batch = 2
-  c.eval.mmd_repeats = 5
-  c.eval.msssim_pairs = 4
-  c.eval.reg_levels = 2
-  c.eval.reg_iters = (20, 10)
-  c.eval.reg_lr = 0.02
-  c.eval.pair_batch = 4
-  c.eval.num_figures = 2
-  c.segmenter.widths = (8, 16)
-  c.segmenter.num_steps = 20
-  c.segmenter.log_every = 10
-  c.segmenter.eval_every = 20
-  c.segmenter.checkpoint_every = 20
-  c.segmenter.num_eval_volumes = 1
-  c.segmenter.progress = False
-  c.baseline.latent_dim = 16
-  c.baseline.max_channels = 16
-  c.baseline.min_channels = 4
-  c.baseline.code_hidden = 32
-  c.baseline.encoder_hidden = 32
-  c.baseline.vae3d_channels = 4
-  c.baseline.vae3d_latent = 16
-  return c
+  if beside is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(beside)), path)
+  name = "slicevae_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise ConfigError(f"{path}: not a Python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,4 +1,4 @@
-"""Atomic file writes: every output lands complete or not at all.
+"""Atomic file writes: every output of every stage lands complete or not at all.
 
 A file is written to a temporary name in the same folder, flushed and fsynced,
 then renamed over the destination (rename is atomic on POSIX filesystems), so an
@@ -82,7 +82,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
@@ -96,9 +96,10 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.load(f)
 
 
-def _json_default(obj: Any) -> Any:
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
+def json_default(obj: Any) -> Any:
+  """`json.dumps(default=...)` for numpy and JAX values: scalars as numbers, arrays as lists."""
   if isinstance(obj, np.generic):
     return obj.item()
+  if hasattr(obj, "__array__"):                                # numpy and jax arrays
+    return np.asarray(obj).tolist()
   raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

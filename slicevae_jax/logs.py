@@ -1,10 +1,11 @@
-"""Which log lines a command prints: set once, at the start of every command line.
+"""Which log lines the command prints: set once, by main.py, before any stage runs.
 
-Where it sits: `errors.run_command` (the shared body of `main`, `evaluate` and
-`compare`) calls `configure()` after the flags are parsed and before any stage
-runs. The project logs one line per stage (and a progress bar, which is not
-logging); the libraries under it (orbax checkpointing above all, also JAX and
-nibabel) log hundreds of INFO lines per run, shown only on request.
+Where it sits: `main.run_command` (every mode of the command line, and the
+former `evaluate` and `compare` entry points that run it) calls `configure()`
+after the flags are parsed and before any stage runs. The project logs one
+line per stage (and a progress bar, which is not logging); the libraries under
+it (orbax checkpointing above all, also JAX and nibabel) log hundreds of INFO
+lines per run, shown only on request.
 
 absl's own `--verbosity` flag (short `-v`) chooses:
   -1   warnings and errors only;

@@ -1,4 +1,8 @@
-"""Training metrics to JSON lines and TensorBoard (tensorboardX, no TensorFlow)."""
+"""Training scalars -> <run>/metrics.jsonl and TensorBoard (tensorboardX, no TensorFlow).
+
+Where it sits: the training loop (trainer.run) writes through it once per log interval;
+tests and notebooks read the JSON lines back with `read_metrics`.
+"""
 
 import json
 import os
@@ -7,17 +11,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from slicevae_jax import workdir as workdir_lib
+
 
 class MetricWriter:
-  """Appends scalars to <workdir>/metrics.jsonl and TensorBoard; only process 0 writes."""
+  """Appends scalars to <run_dir>/metrics.jsonl and TensorBoard; only process 0 writes."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, run_dir: str, tensorboard: bool = True):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = workdir_lib.metrics_log(run_dir)
     self._tb = None
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(workdir_lib.tensorboard_dir(run_dir))
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     if not self.active:
@@ -43,9 +49,9 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-  """All records of <workdir>/metrics.jsonl (for tests and notebooks)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def read_metrics(run_dir: str) -> list[dict[str, float]]:
+  """All records of <run_dir>/metrics.jsonl (for tests and notebooks)."""
+  path = workdir_lib.metrics_log(run_dir)
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:

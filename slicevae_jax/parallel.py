@@ -4,6 +4,8 @@ Training state is replicated, batches are sharded along their leading axis.
 Each process supplies only the rows of the global batch that its own devices
 hold (`process_rows`), and `global_batch` assembles them into one global
 jax.Array, so the same code runs on 1 CPU, 8 GPUs or a multi-host TPU slice.
+Inference over many volumes (encoding, decoding, segmenting, features) runs a
+per-stack function vmapped over volumes, in device-sharded chunks (`map_stacks`).
 """
 
 import functools
@@ -90,3 +92,45 @@ def global_batch(local: np.ndarray, mesh: Mesh, global_size: int) -> jax.Array:
 def replicate(tree, mesh: Mesh):
   """Places a host pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+  if len(x) == n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def map_volumes(fn, inputs: np.ndarray, batch: int, mesh: Mesh) -> np.ndarray:
+  """Applies a jitted per-chunk `fn` to [N, ...] in chunks sharded over devices.
+
+  Chunks are padded to a multiple of the device count; results are trimmed.
+  """
+  n_dev = mesh.devices.size
+  batch = max(n_dev, -(-batch // n_dev) * n_dev)
+  outs = []
+  for start in range(0, len(inputs), batch):
+    chunk = inputs[start:start + batch]
+    size = -(-len(chunk) // n_dev) * n_dev
+    padded = _pad_to(chunk, size)
+    local = process_rows(mesh, size)
+    out = fn(global_batch(padded[local], mesh, size))
+    outs.append(np.asarray(jax.device_get(_gather_fn(mesh)(out)))[:len(chunk)])
+  return np.concatenate(outs)
+
+
+@functools.lru_cache(maxsize=8)
+def _gather_fn(mesh: Mesh):
+  """Replicates a sharded result on every device, so every process can read it whole."""
+  return jax.jit(lambda x: x, out_shardings=replicated(mesh))
+
+
+def map_stacks(per_stack, variables, stacks: np.ndarray, batch: int, mesh: Mesh) -> np.ndarray:
+  """`per_stack(variables, stack)` for every stack of [N, S, ...], vmapped over volumes.
+
+  The one path from volumes to a network applied slice by slice: `per_stack` sees one
+  volume's slices [S, ...] as a batch (so BatchNorm in 'volume' mode sees the stack) and
+  returns [S, ...] or any per-volume array; chunks of `batch` volumes are sharded over
+  the mesh (`map_volumes`). Returns the stacked results [N, ...] on the host.
+  """
+  run = jax.jit(jax.vmap(per_stack, in_axes=(None, 0)))
+  return map_volumes(lambda x: run(variables, x), np.asarray(stacks), batch, mesh)

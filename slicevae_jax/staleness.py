@@ -1,4 +1,4 @@
-"""Is a stage's output still what the config asks for? Recorded inputs vs current ones.
+"""Is a stage's output still current? Its recorded inputs vs the config's, for skip and resume.
 
 Each output that `--mode=all` may reuse records what it was made from: the
 cache in its manifest, the latent fit in its file's meta (`fit_inputs`), the

@@ -1,4 +1,4 @@
-"""The one training loop every model uses: resume, jitted steps on the mesh, logs, guard.
+"""Training stage of every family: batches -> jitted steps on the mesh -> checkpoints and logs.
 
 A model plugs in as a `Task`: how to build and restore its state, a pure jitted
 step `(state, batch, key) -> (state, metrics)`, how to load this process's part
@@ -12,7 +12,6 @@ applied, so no checkpoint written afterwards can hold it.
 """
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -24,11 +23,10 @@ from absl import logging
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import parallel
 from slicevae_jax import viz
+from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data import slices as slices_lib
 from slicevae_jax.errors import NonFiniteLossError
 from slicevae_jax.metric_writer import MetricWriter
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -64,6 +62,33 @@ class Task:
   log_keys: tuple[str, ...] = ("loss",)
 
 
+# ---------------------------------------------------------------------------------------------
+# The state and step helpers every family builds its Task from.
+
+
+def abstract_state(init: Callable[[jax.Array], Any], mesh) -> Any:
+  """Shapes, dtypes and replicated shardings of `init(key)`'s state, without computing it.
+
+  The restore target of a checkpoint and the parameter count to log (jax.eval_shape).
+  """
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  repl = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+def create_state(init: Callable[[jax.Array], Any], mesh, key: jax.Array) -> Any:
+  """`init(key)` computed once, replicated on every device of the mesh."""
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(key)
+
+
+def jit_train_step(step: Callable[..., tuple[Any, Any]], mesh) -> Callable:
+  """jitted (state, batch, key) -> (state, metrics): state replicated and donated, batch
+  sharded over the data axis."""
+  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
+  return jax.jit(step, in_shardings=(repl, shard, repl), out_shardings=(repl, repl),
+                 donate_argnums=0)
+
+
 def all_finite(tree) -> jax.Array:
   """True iff every entry of every leaf is finite."""
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]).all()
@@ -87,17 +112,17 @@ def _progress(total: int, initial: int, batch: int, unit: str, enabled: bool, na
               dynamic_ncols=True, desc=name, smoothing=0.1)
 
 
-def run(task: Task, train_cfg, workdir: str, mesh, key: jax.Array, prefetch: int = 2,
-        checkpoint_dir: str = CHECKPOINT_DIR) -> Any:
-  """Trains `task` to `train_cfg.num_steps`, resuming from `workdir`; returns the state.
+def run(task: Task, train_cfg, run_dir: str, mesh, key: jax.Array, prefetch: int = 2) -> Any:
+  """Trains `task` to `train_cfg.num_steps`, resuming from `run_dir`; returns the state.
 
   `train_cfg` is a config group with num_steps, log_every, eval_every,
   checkpoint_every, keep_checkpoints and progress. `key` is the training
-  stream; step k uses fold_in(key, k) inside the step.
+  stream; step k uses fold_in(key, k) inside the step. Checkpoints, scalars and
+  pictures go where workdir.py puts them in `run_dir` (a workdir, or its segmenter/).
   """
   t = train_cfg
   parallel.check_batch(task.batch_size, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, checkpoint_dir), keep=t.keep_checkpoints)
+  ckpt = ckpt_lib.Checkpointer(workdir_lib.checkpoint_dir(run_dir), keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore(task.abstract_state(), start)
@@ -112,7 +137,7 @@ def run(task: Task, train_cfg, workdir: str, mesh, key: jax.Array, prefetch: int
     return state
 
   local_rows = parallel.process_rows(mesh, task.batch_size)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(run_dir)
   bar = _progress(t.num_steps, start, task.batch_size, task.unit, t.progress, task.name)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   clock = {"time": time.perf_counter(), "step": start}
@@ -164,7 +189,7 @@ def run(task: Task, train_cfg, workdir: str, mesh, key: jax.Array, prefetch: int
       if (last or done % t.eval_every == 0) and task.images is not None:
         picture = task.images(state, done)
         if jax.process_index() == 0:
-          viz.save_png(os.path.join(workdir, "images", f"train_{done:07d}.png"), picture)
+          viz.save_png(workdir_lib.training_image(run_dir, done), picture)
         writer.image(done, "samples", picture)
       if last or done % t.checkpoint_every == 0:
         ckpt.save(done, state)

@@ -1,4 +1,4 @@
-"""Pictures: image grids of slices and three-plane views of volumes, as PNG."""
+"""Pictures for the training grids, the samples and the report: slices and volumes -> PNG."""
 
 import numpy as np
 
@@ -37,11 +37,17 @@ def three_planes(volume: np.ndarray) -> np.ndarray:
   return to_uint8(np.concatenate(planes, axis=1))
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a 2D uint8 (or [0,1] float) image as a grey PNG, atomically."""
-  import matplotlib
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend, imported on first use (it is slow)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes a 2D uint8 (or [0,1] float) image as a grey PNG, atomically."""
+  plt = pyplot()
   img = image if image.dtype == np.uint8 else to_uint8(image)
   with fileio.atomic_path(path, suffix=".png") as tmp:
     plt.imsave(tmp, img, cmap="gray", vmin=0, vmax=255, format="png")

@@ -45,6 +45,12 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def configs_common():
+  """configs/common.py (parse_arg, hcp_recipe, smoke), loaded as the config files load it."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return config_lib.load_module(os.path.join(root, "configs", "common.py"))
+
+
 def tiny_config(grid: int = 16, **train):
   """A slice VAE config small enough to train in seconds on the CPU."""
   c = config_lib.base_config()

@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 def main():
   port, nproc, pid, cache_dir, workdir, out = sys.argv[1:7]
   from helpers import tiny_config  # pylint: disable=import-outside-toplevel
-  from slicevae_jax import parallel, train  # pylint: disable=import-outside-toplevel
+  from slicevae_jax import parallel  # pylint: disable=import-outside-toplevel
   from slicevae_jax.data.cache import VolumeCache  # pylint: disable=import-outside-toplevel
+  from slicevae_jax.slicevae import train  # pylint: disable=import-outside-toplevel
   config = tiny_config(num_steps=3, checkpoint_every=2)
   config.dist.initialize = True
   config.dist.coordinator_address = f"127.0.0.1:{port}"

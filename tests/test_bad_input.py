@@ -17,7 +17,9 @@ import pytest
 
 from helpers import blob_volume, load_config
 from slicevae_jax import pipeline
+from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data import nifti, preprocess
+from slicevae_jax.data import subjects as subjects_lib
 from slicevae_jax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +128,7 @@ def test_labels_folder_matching_no_image(tmp_path):
     os.symlink(os.path.join(tmp_path, "other", f"sub{i}.nii.gz"),
                os.path.join(labels, f"aseg{i}.nii.gz"))
   with pytest.raises(DataError, match="no label file matches an image") as e:
-    preprocess.find_subjects(root, labels_dir=labels)
+    subjects_lib.find_subjects(root, labels_dir=labels)
   assert labels in str(e.value) and "sub0.nii.gz" in str(e.value)
 
 
@@ -160,7 +162,7 @@ def test_unwritable_workdir_keeps_the_checkpoints(tmp_path, monkeypatch):
 
   def read_only(*args, **kwargs):
     raise OSError(errno.EROFS, "Read-only file system", str(workdir))
-  monkeypatch.setattr(pipeline.tempfile, "mkstemp", read_only)
+  monkeypatch.setattr(workdir_lib.tempfile, "mkstemp", read_only)
   with pytest.raises(DataError, match="cannot write to the workdir .Read-only file system"):
     pipeline.run(config, str(workdir))
   monkeypatch.undo()
@@ -179,13 +181,13 @@ def test_a_second_run_on_a_busy_workdir_refuses(tmp_path):
   config = _config(_folder(tmp_path / "data", 2))
   os.makedirs(workdir)
   # Another run holds the lock (as `workdir_lock` does, here from this test process).
-  fd = os.open(workdir / pipeline.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+  fd = os.open(workdir / workdir_lib.LOCK_FILE, os.O_RDWR | os.O_CREAT)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, b"4242\n")
     with pytest.raises(DataError, match="another run is using this workdir .process 4242"):
       pipeline.run(config, str(workdir), "preprocess")
-    assert sorted(os.listdir(workdir)) == [pipeline.LOCK_FILE]   # nothing else touched
+    assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_FILE]   # nothing else touched
   finally:
     os.close(fd)
   pipeline.run(config, str(workdir), "preprocess")                # free again: runs

@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from slicevae_jax import baselines
 from slicevae_jax import config_lib
+from slicevae_jax.baselines import losses, stages, steps
 from helpers import blob_volume
 
 GRID = 16
@@ -36,7 +36,7 @@ def _setup(model: str, overrides: tuple = ()):
   networks). Its key is an 'rbg' key: XLA compiles the initialisers' threefry
   draws several times slower on a CPU, and any key is valid.
   """
-  bl = baselines.build(tiny_config(model, **dict(overrides)))
+  bl = stages.build(tiny_config(model, **dict(overrides)))
   if overrides:
     return bl, _setup(model)[1], jax.jit(bl.step)
   return bl, jax.jit(bl.init)(jax.random.key(0, impl="rbg")), jax.jit(bl.step)
@@ -70,7 +70,7 @@ EXPECTED_METRICS = {
 
 def test_interpolate_one_epsilon_per_sample():
   ones, zeros = jnp.ones((5, 3, 3, 3, 1)), jnp.zeros((5, 3, 3, 3, 1))
-  x = baselines.interpolate(ones, zeros, jax.random.key(1))
+  x = losses.interpolate(ones, zeros, jax.random.key(1))
   eps = x[:, 0, 0, 0, 0]
   np.testing.assert_allclose(x, jnp.broadcast_to(eps[:, None, None, None, None], x.shape))
   assert bool(jnp.all((eps >= 0) & (eps <= 1))) and len(set(np.asarray(eps).tolist())) == 5
@@ -82,8 +82,8 @@ def test_gradient_penalty_linear_critic_is_exact():
   real = jax.random.normal(jax.random.key(3), (3, 4, 4, 4, 1))
   fake = jax.random.normal(jax.random.key(4), (3, 4, 4, 4, 1))
   key = jax.random.key(5)
-  per_sample = baselines.gradient_penalty(critic, real, fake, key)
-  per_voxel = baselines.gradient_penalty(critic, real, fake, key, per_voxel=True)
+  per_sample = losses.gradient_penalty(critic, real, fake, key)
+  per_voxel = losses.gradient_penalty(critic, real, fake, key, per_voxel=True)
   np.testing.assert_allclose(per_sample, (jnp.linalg.norm(w) - 1.0) ** 2, rtol=1e-5)
   np.testing.assert_allclose(per_voxel, jnp.mean((jnp.abs(w) - 1.0) ** 2), rtol=1e-5)
   assert abs(float(per_sample) - float(per_voxel)) > 1e-2
@@ -103,8 +103,8 @@ def test_gradient_penalty_nonlinear_critic_matches_autodiff():
   g = jax.vmap(jax.jacrev(one))(real)
   want_sample = jnp.mean((jnp.sqrt(jnp.sum(g ** 2, axis=(1, 2, 3, 4))) - 1.0) ** 2)
   want_voxel = jnp.mean((jnp.sqrt(jnp.sum(g ** 2, axis=-1)) - 1.0) ** 2)
-  got_sample = baselines.gradient_penalty(critic, real, real, jax.random.key(7))
-  got_voxel = baselines.gradient_penalty(critic, real, real, jax.random.key(7), per_voxel=True)
+  got_sample = losses.gradient_penalty(critic, real, real, jax.random.key(7))
+  got_voxel = losses.gradient_penalty(critic, real, real, jax.random.key(7), per_voxel=True)
   np.testing.assert_allclose(got_sample, want_sample, rtol=1e-5)
   np.testing.assert_allclose(got_voxel, want_voxel, rtol=1e-5)
   assert abs(float(got_sample) - float(got_voxel)) > 1e-2
@@ -115,7 +115,7 @@ def test_code_gradient_penalty_per_sample():
   critic = lambda z: z @ w
   z_hat = jax.random.normal(jax.random.key(8), (4, 3))
   z = jax.random.normal(jax.random.key(9), (4, 3))
-  np.testing.assert_allclose(baselines.code_gradient_penalty(critic, z_hat, z, jax.random.key(0)),
+  np.testing.assert_allclose(losses.code_gradient_penalty(critic, z_hat, z, jax.random.key(0)),
                              0.3 ** 2, rtol=1e-5)
 
 
@@ -123,21 +123,21 @@ def test_code_gradient_penalty_per_sample():
 
 def test_resolved_norm_and_default_schedule():
   c = tiny_config("alpha_gan")
-  assert baselines.resolved_norm(c) == ("batch", "batch")
+  assert stages.resolved_norm(c) == ("batch", "batch")
   c.data.grid = 256
-  assert baselines.resolved_norm(c) == ("instance", "none")
+  assert stages.resolved_norm(c) == ("instance", "none")
   c.model_type = "alpha_wgan"
-  assert baselines.resolved_norm(c) == ("batch", "batch")
+  assert stages.resolved_norm(c) == ("batch", "batch")
   c.baseline.norm = "instance"
-  assert baselines.resolved_norm(c) == ("instance", "none")
-  assert baselines.updates_per_iteration(tiny_config("wgan_gp")) == (1, 5)
-  assert baselines.updates_per_iteration(tiny_config("alpha_wgan")) == (1, 1)
-  assert baselines.updates_per_iteration(tiny_config("wgan_gp", n_critic=2)) == (2, 5)
+  assert stages.resolved_norm(c) == ("instance", "none")
+  assert stages.updates_per_iteration(tiny_config("wgan_gp")) == (1, 5)
+  assert stages.updates_per_iteration(tiny_config("alpha_wgan")) == (1, 1)
+  assert stages.updates_per_iteration(tiny_config("wgan_gp", n_critic=2)) == (2, 5)
 
 
 # ---- one training iteration per model ---------------------------------------------
 
-@pytest.mark.parametrize("model", baselines.MODELS)
+@pytest.mark.parametrize("model", steps.MODELS)
 def test_step_updates_every_network(model):
   bl, state, step = _setup(model)
   x = _batch()
@@ -197,8 +197,8 @@ def test_code_critic_switch_changes_only_the_code_critic():
 def test_every_model_traces_with_its_options(overrides):
   """Shapes and dtypes only (no compile): the state's structure survives one step."""
   x = jax.ShapeDtypeStruct((BATCH, GRID, GRID, GRID, 1), jnp.float32)
-  for model in baselines.MODELS:
-    bl = baselines.build(tiny_config(model, **overrides))
+  for model in steps.MODELS:
+    bl = stages.build(tiny_config(model, **overrides))
     state = jax.eval_shape(bl.init, jax.random.key(0))
     new, metrics = jax.eval_shape(bl.step, state, x, jax.random.key(1))
     same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, state, new)

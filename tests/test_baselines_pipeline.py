@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from helpers import make_cache, tiny_config
-from slicevae_jax import baseline_stages, compare, config_lib, parallel
 from slicevae_jax import checkpoint as ckpt_lib
+from slicevae_jax import config_lib, parallel, pipeline
+from slicevae_jax import workdir as workdir_lib
+from slicevae_jax.baselines import stages as baseline_stages
 from slicevae_jax.data import slices as slices_lib
 from slicevae_jax.errors import ConfigError, NonFiniteLossError
 from slicevae_jax.metric_writer import read_metrics
@@ -29,7 +31,7 @@ def load_config(name, arg=None):
 
 def gan_config(model="alpha_wgan", **train):
   c = tiny_config(grid=16, batch_size=2, **train)
-  c = config_lib.as_baseline(c, model)
+  c = baseline_stages.as_baseline(c, model)
   c.train.batch_size = 2
   b = c.baseline
   b.latent_dim, b.max_channels, b.min_channels = 8, 8, 4
@@ -88,8 +90,7 @@ def test_samples_depend_only_on_key_and_index(cache, tmp_path):
   workdir = str(tmp_path / "w")
   mesh = parallel.make_mesh(2)
   config = gan_config("wgan_gp", num_steps=1)
-  from slicevae_jax import inference
-  inference.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   baseline_stages.train(config, workdir, cache, mesh)
   bundle = baseline_stages.load_baseline(workdir, mesh=mesh)
   key = jax.random.key(3)
@@ -117,7 +118,7 @@ def test_bad_baseline_arguments():
     load_config("baselines", "model=alpha_wgan,res=96")
   with pytest.raises(ConfigError, match="baseline"):
     load_config("baselines", "model=stylegan")
-  for model in config_lib.BASELINE_LR:
+  for model in baseline_stages.BASELINE_LR:
     for res in (64, 128, 256):
       config_lib.validate(load_config("baselines", f"model={model},res={res}"))
 
@@ -126,7 +127,7 @@ def test_compare_smoke_writes_one_table_and_resumes(tmp_path):
   config = load_config("compare", "smoke")
   config.compare.models = ("slice_vae", "vae3d")
   workdir = str(tmp_path / "cmp")
-  result = compare.run(config, workdir)
+  result = pipeline.compare(config, workdir)
   budget = result["budget"]
   # Equal budget: the same passes over the training volumes (up to rounding up to whole steps).
   assert abs(budget["slice_vae"]["epochs"] - config.compare.epochs) < 0.2
@@ -145,7 +146,7 @@ def test_compare_smoke_writes_one_table_and_resumes(tmp_path):
   # A second run trains and scores nothing again.
   before = {m: len(read_metrics(os.path.join(workdir, m))) for m in result["models"]}
   stamp = os.path.getmtime(os.path.join(workdir, "eval", "comparison.json"))
-  again = compare.run(config, workdir)
+  again = pipeline.compare(config, workdir)
   assert before == {m: len(read_metrics(os.path.join(workdir, m))) for m in result["models"]}
   assert os.path.getmtime(os.path.join(workdir, "eval", "comparison.json")) == stamp
   assert again["rows"].keys() == result["rows"].keys()

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import make_cache
+from helpers import configs_common, make_cache
 from slicevae_jax import config_lib, fileio
 from slicevae_jax.data.cache import CacheWriter, VolumeCache, to_stack, to_volume
 from slicevae_jax.errors import ConfigError, DataError
@@ -37,10 +37,11 @@ def test_bad_choice_is_named(key, value):
 
 
 def test_parse_arg():
-  assert config_lib.parse_arg("smoke", smoke=False).smoke is True
-  assert config_lib.parse_arg("res=128", res=64).res == 128
+  common = configs_common()
+  assert common.parse_arg("smoke", smoke=False).smoke is True
+  assert common.parse_arg("res=128", res=64).res == 128
   with pytest.raises(ConfigError, match="resolution"):
-    config_lib.parse_arg("resolution=3", res=64)
+    common.parse_arg("resolution=3", res=64)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from helpers import make_cache, tiny_config
-from slicevae_jax import evaluate, fileio, segmenter
+from slicevae_jax import fileio
 from slicevae_jax.data import nifti
 from slicevae_jax.errors import DataError
+from slicevae_jax.eval import evaluate, segmenter
+from slicevae_jax.eval import report as report_lib
 from slicevae_jax.metrics import frechet, mmd, ras
 
 GRID = 32   # MS-SSIM's five scales need >= 32 voxels per axis
@@ -38,7 +40,7 @@ def trained(tmp_path_factory):
   workdir = str(root / "w")
   cache = make_cache(os.path.join(workdir, "cache"), num=8, grid=GRID, num_val=4)
   config = _config()
-  seg = evaluate.ensure_segmenter(config, workdir, cache)
+  seg = segmenter.ensure_segmenter(config, workdir, cache)
   return config, workdir, cache, seg
 
 
@@ -56,7 +58,7 @@ def test_ras_real_vs_real_beats_noise(trained):
   config, _, cache, (model, variables) = trained
   real, labels = _real(cache)
   segment = lambda v: segmenter.segment_volumes(model, variables, v, cache.slice_axis)
-  kw = dict(pair_batch=4, **ras.registration_settings(config.eval))
+  kw = dict(pair_batch=4, **evaluate.registration_settings(config.eval))
   upper = ras.ras_real_vs_real(real[:2], real[2:], labels[2:], segment, 3, **kw)
   noise = ras.realistic_atlas_score(_noise(2), real[2:], labels[2:], segment, 3, **kw)
   assert upper["dice"].shape == noise["dice"].shape == (2, 2, 3)
@@ -80,9 +82,10 @@ def test_frechet_distance_self_zero_and_grows_with_shift():
 def test_segmenter_features_and_fd(trained):
   _, _, cache, (model, variables) = trained
   real, _ = _real(cache)
-  f = frechet.segmenter_features(model, variables, real, cache.slice_axis, slabs=2)
+  f = segmenter.segmenter_features(model, variables, real, cache.slice_axis, slabs=2)
   assert f.shape == (4, 2 * 16) and np.all(np.isfinite(f))
-  out = frechet.segmenter_frechet_distance(model, variables, real, _noise(4), cache.slice_axis)
+  out = segmenter.segmenter_frechet_distance(model, variables, real, _noise(4),
+                                             cache.slice_axis)
   same = frechet.frechet_distance(out["features_a"], out["features_a"])
   assert out["fd"] > same + 1e-3 and same == pytest.approx(0.0, abs=1e-6)
 
@@ -117,7 +120,7 @@ def test_evaluate_volumes_writes_metrics_report_and_pictures(trained, tmp_path):
   assert noisy["model"]["mmd_kwon"]["mean"] > row["mmd_kwon"]["mean"]
   assert noisy["model"]["segmenter_fd"]["value"] > row["segmenter_fd"]["value"]
   # Several models in one report (the baselines' comparison).
-  path = evaluate.write_report([row, noisy["model"]], real_row, out, label_names=names)
+  path = report_lib.write_report([row, noisy["model"]], real_row, out, label_names=names)
   text = open(path, encoding="utf-8").read()
   assert "\n| ours | " in text and "\n| noise | " in text
 
@@ -180,7 +183,7 @@ def test_evaluate_workdir(trained, tmp_path):
     assert os.path.exists(os.path.join(workdir, "eval", f)), f
   assert evaluate.is_current(workdir)
   # A comparison report elsewhere links the figures back to eval/.
-  path = evaluate.write_report([res["model"]], res["real"], str(tmp_path / "cmp"))
+  path = report_lib.write_report([res["model"]], res["real"], str(tmp_path / "cmp"))
   assert "../" in open(path, encoding="utf-8").read()
 
 
@@ -206,10 +209,10 @@ def test_kwon_mmd_without_spread_is_flagged_not_reported_as_zero_std():
   fixed = mmd.kwon_mmd_protocol(real, gen, key=jax.random.key(0), batch=4, repeats=5)
   row = evaluate._kwon_row(fixed, 4, 5, n=4, m=4)
   assert row["degenerate"] and row["std"] == pytest.approx(0.0, abs=1e-9)
-  assert "no spread" in evaluate.table_markdown([{"name": "m", "mmd_kwon": row}], None)
+  assert "no spread" in report_lib.table_markdown([{"name": "m", "mmd_kwon": row}], None)
   # Twice as many real volumes as a batch: passes differ, the spread is a measurement.
   real2 = np.concatenate([real, rng.random((4, 8, 8, 8)).astype(np.float32)])
   varied = mmd.kwon_mmd_protocol(real2, gen, key=jax.random.key(0), batch=4, repeats=5)
   row = evaluate._kwon_row(varied, 4, 5, n=4, m=8)
   assert not row["degenerate"] and row["std"] > 0
-  assert "±" in evaluate.table_markdown([{"name": "m", "mmd_kwon": row}], None)
+  assert "±" in report_lib.table_markdown([{"name": "m", "mmd_kwon": row}], None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from slicevae_jax import latent_gaussian as lg
+from slicevae_jax.slicevae import latent as lg
 from slicevae_jax.errors import DataError
 
 
@@ -436,7 +436,7 @@ def test_conditionals_match_the_dense_schur_complement(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_sampling_is_reproducible_and_works_jitted_in_vmap(kind):
-  from slicevae_jax import inference   # pylint: disable=import-outside-toplevel
+  from slicevae_jax.slicevae import inference   # pylint: disable=import-outside-toplevel
   g = _fitted_kind(kind)
   a = lg.sample(g, jax.random.key(7), 3)
   np.testing.assert_array_equal(a, lg.sample(g, jax.random.key(7), 3))

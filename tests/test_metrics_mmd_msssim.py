@@ -1,4 +1,4 @@
-"""Diversity and distance metrics (paper §4.2, DESIGN §4): minibatch/Gaussian MMD and 3D MS-SSIM."""
+"""Diversity and distance metrics (paper §4.2): minibatch/Gaussian MMD and 3D MS-SSIM."""
 
 import jax
 import numpy as np

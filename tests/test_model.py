@@ -1,12 +1,13 @@
-"""Slice VAE shapes and sizes at every resolution (DESIGN §1)."""
+"""Slice VAE shapes and sizes at every resolution (paper §3.1, the released reference)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slicevae_jax import config_lib, losses
+from helpers import load_config
 from slicevae_jax.models import slice_vae
+from slicevae_jax.slicevae import losses
 
 
 def _abstract(model, size, batch=2):
@@ -21,7 +22,7 @@ def _abstract(model, size, batch=2):
 
 @pytest.mark.parametrize("grid", [64, 128, 256])
 def test_paper_model_shapes_and_size(grid):
-  config = config_lib.paper_config(grid)
+  config = load_config(f"hcp{grid}")
   model = slice_vae.from_config(config)
   variables, ((x_hat, mu, logvar), _) = _abstract(model, grid)
   assert x_hat.shape == (2, grid, grid, 1)
@@ -38,7 +39,7 @@ def test_paper_model_shapes_and_size(grid):
                                            (128, [8, 16, 32, 64, 128]),
                                            (256, [4, 8, 16, 32, 64, 128])])
 def test_stage_widths_follow_reference(grid, expected):
-  base = config_lib.PAPER[grid]["base_width"]
+  base = load_config(f"hcp{grid}").model.base_width
   assert slice_vae.stage_widths(grid, base, 128, 2) == expected
 
 

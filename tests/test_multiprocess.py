@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import identifiable_params, make_cache, tiny_config
-from slicevae_jax import parallel, train
+from slicevae_jax import parallel
 from slicevae_jax.metric_writer import read_metrics
+from slicevae_jax.slicevae import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

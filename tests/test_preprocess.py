@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from slicevae_jax import config_lib
-from slicevae_jax.data import nifti
-from slicevae_jax.data import preprocess
+from slicevae_jax.data import intensity, nifti, preprocess
+from slicevae_jax.data import labels as label_sets
+from slicevae_jax.data import subjects as subjects_lib
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import DataError
 
@@ -92,7 +93,7 @@ def test_unscaled_axes_copy_voxels_and_grid_is_centred():
   np.testing.assert_allclose(shift[:3, :3], np.eye(3), atol=1e-9)
   offset = shift[:3, 3]
   np.testing.assert_allclose(offset, np.round(offset), atol=1e-9)
-  norm = preprocess.normalize_percentiles(img, (0.0, 100.0))
+  norm = intensity.normalize_percentiles(img, (0.0, 100.0))
   idx = np.argwhere(out > 0)
   np.testing.assert_allclose(out[tuple(idx.T)], norm[tuple((idx + offset).astype(int).T)],
                              atol=1e-6)
@@ -159,7 +160,7 @@ def test_n4_reduces_a_smooth_bias_and_runs_in_the_pipeline():
 
 
 def test_group_freesurfer_labels():
-  names = preprocess.FREESURFER15_NAMES
+  names = label_sets.FREESURFER15_NAMES
   assert len(names) == 15 and names[0] == "background"
   cls = {n: i for i, n in enumerate(names)}
   expect = {
@@ -174,14 +175,14 @@ def test_group_freesurfer_labels():
       30: "background", 62: "background", 80: "background", 999: "background",
   }
   codes = np.array(list(expect), np.int32).reshape(-1, 1, 1)
-  got = preprocess.group_freesurfer_labels(codes)
+  got = label_sets.group_freesurfer_labels(codes)
   assert got.dtype == np.uint8 and got.shape == codes.shape
   for code, g in zip(expect, got.ravel()):
     assert g == cls[expect[code]], (code, names[g], expect[code])
 
   with pytest.raises(DataError, match="uint8"):
-    preprocess.map_labels(np.array([0, 300]), "none", "x.nii")
-  np.testing.assert_array_equal(preprocess.map_labels(np.array([0, 5]), "none"), [0, 5])
+    label_sets.map_labels(np.array([0, 300]), "none", "x.nii")
+  np.testing.assert_array_equal(label_sets.map_labels(np.array([0, 5]), "none"), [0, 5])
 
 
 # --------------------------------------------------------------------------
@@ -216,38 +217,38 @@ def test_find_subjects_layouts(tmp_path):
   flat = tmp_path / "flat"
   _write_flat(flat, 2, labels_dir=tmp_path / "labels")
   (flat / "notes.txt").write_text("ignored")
-  subs = preprocess.find_subjects(flat, labels_dir=str(tmp_path / "labels"))
+  subs = subjects_lib.find_subjects(flat, labels_dir=str(tmp_path / "labels"))
   assert [s.id for s in subs] == ["sub00", "sub01"]
   assert subs[0].labels == str(tmp_path / "labels" / "sub00.nii.gz")
-  assert preprocess.find_subjects(flat, "flat")[0].labels is None
+  assert subjects_lib.find_subjects(flat, "flat")[0].labels is None
 
   hcp = tmp_path / "hcp"
   _write_hcp(hcp, 2)
   os.makedirs(hcp / "not_a_subject")
-  subs = preprocess.find_subjects(hcp)
+  subs = subjects_lib.find_subjects(hcp)
   assert [s.id for s in subs] == ["10000", "10001"]
   assert subs[1].labels.endswith(os.path.join("10001", "T1w", "aparc+aseg.nii.gz"))
-  assert preprocess.find_subjects(hcp, "hcp", hcp_labels="")[0].labels is None
+  assert subjects_lib.find_subjects(hcp, "hcp", hcp_labels="")[0].labels is None
 
 
 def test_find_subjects_errors_name_the_folder(tmp_path):
   missing = tmp_path / "nope"
   with pytest.raises(DataError, match="does not exist") as e:
-    preprocess.find_subjects(missing)
+    subjects_lib.find_subjects(missing)
   assert str(missing) in str(e.value)
   (tmp_path / "file.nii").write_text("x")
   with pytest.raises(DataError, match="not a folder"):
-    preprocess.find_subjects(tmp_path / "file.nii")
+    subjects_lib.find_subjects(tmp_path / "file.nii")
   empty = tmp_path / "empty"
   os.makedirs(empty)
   for layout, pattern in (("auto", r"\*\.nii"), ("flat", r"\*\.nii"),
                           ("hcp", "T1w_acpc_dc_restore_brain")):
     with pytest.raises(DataError, match="no volumes found") as e:
-      preprocess.find_subjects(empty, layout)
+      subjects_lib.find_subjects(empty, layout)
     assert str(empty) in str(e.value) and layout in str(e.value)
     assert re.search(pattern, str(e.value))
   with pytest.raises(DataError, match="labels folder"):
-    preprocess.find_subjects(tmp_path, labels_dir=str(tmp_path / "nolabels"))
+    subjects_lib.find_subjects(tmp_path, labels_dir=str(tmp_path / "nolabels"))
 
 
 # --------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_build_cache_flat_skips_corrupt_subject(tmp_path):
   assert [s["id"] for s in m["skipped"]] == ["sub02"]
   assert str(bad) in m["skipped"][0]["reason"]
   assert len(cache) == 3 and m["num_rows"] == 4
-  assert m["label_names"] == list(preprocess.FREESURFER15_NAMES) and m["source"] == "nifti"
+  assert m["label_names"] == list(label_sets.FREESURFER15_NAMES) and m["source"] == "nifti"
   splits = [s["split"] for s in m["subjects"]] + [s["split"] for s in m["skipped"]]
   assert splits.count("val") == 1 and splits.count("train") == 3
   for i in range(len(cache)):
@@ -385,12 +386,12 @@ def test_csv_list_picks_subjects_and_fixes_the_split(tmp_path):
   assert cache.labels is not None and cache.manifest["layout"] == "auto"
   # Without a split column the seeded split applies; no labels column, no labels.
   listing.write_text("path\nimg/sub00.nii.gz\nimg/sub01.nii.gz\nimg/sub02.nii.gz\n")
-  subjects = preprocess.find_subjects(str(listing))
+  subjects = subjects_lib.find_subjects(str(listing))
   assert [(s.id, s.labels, s.split) for s in subjects] == [
       (f"sub0{i}", None, None) for i in range(3)]
   # One file name in several folders: the ids are the paths as written.
   listing.write_text("path\na/t1.nii.gz\nb/t1.nii.gz\nc.nii\n")
-  assert [s.id for s in preprocess.find_subjects(str(listing))] == ["a/t1", "b/t1", "c"]
+  assert [s.id for s in subjects_lib.find_subjects(str(listing))] == ["a/t1", "b/t1", "c"]
 
   bad = {"file,split\nimg/sub00.nii.gz,train\n": "header must name the column 'path'",
          "path,split\nimg/sub00.nii.gz,test\nimg/sub01.nii.gz,val\n": "line 2: split is 'test'",
@@ -401,7 +402,7 @@ def test_csv_list_picks_subjects_and_fixes_the_split(tmp_path):
   for text, message in bad.items():
     listing.write_text(text)
     with pytest.raises(DataError, match=message) as e:
-      preprocess.find_subjects(str(listing))
+      subjects_lib.find_subjects(str(listing))
     assert str(listing) in str(e.value)
   listing.write_text("path,split\nimg/sub00.nii.gz,train\nimg/sub01.nii.gz,train\n")
   with pytest.raises(DataError, match="no row has split 'val'"):
@@ -477,26 +478,26 @@ def _write_bids(root, derivatives=None):
 def test_bids_layout_sessions_runs_and_derivative_labels(tmp_path):
   root, deriv = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "freesurfer"
   _write_bids(root, deriv)
-  subs = preprocess.find_subjects(root, labels_dir=str(deriv))       # 'auto' finds BIDS
+  subs = subjects_lib.find_subjects(root, labels_dir=str(deriv))       # 'auto' finds BIDS
   assert [(s.id, s.group) for s in subs] == [
       ("sub-01_ses-1", "sub-01"), ("sub-01_ses-2", "sub-01"), ("sub-02_run-1", "sub-02"),
       ("sub-02_run-2", "sub-02"), ("sub-03", "sub-03"), ("sub-04", "sub-04")]
   assert subs[1].labels == str(deriv / "sub-01" / "ses-2" / "anat" /
                                "sub-01_ses-2_desc-aseg_dseg.nii.gz")
-  assert preprocess.find_subjects(root, "bids")[0].labels is None
+  assert subjects_lib.find_subjects(root, "bids")[0].labels is None
   # Two segmentations of one volume: refused unless data.bids_desc picks one.
   other = deriv / "sub-03" / "anat" / "sub-03_desc-synthseg_dseg.nii.gz"
   other.write_bytes((deriv / "sub-03" / "anat" / "sub-03_desc-aseg_dseg.nii.gz").read_bytes())
   with pytest.raises(DataError, match="2 segmentations match sub-03.*data.bids_desc"):
-    preprocess.find_subjects(root, labels_dir=str(deriv))
-  picked = preprocess.find_subjects(root, labels_dir=str(deriv), bids_desc="synthseg")
+    subjects_lib.find_subjects(root, labels_dir=str(deriv))
+  picked = subjects_lib.find_subjects(root, labels_dir=str(deriv), bids_desc="synthseg")
   assert picked[4].labels == str(other)
   with pytest.raises(DataError, match="no segmentation matches a T1w volume"):
-    preprocess.find_subjects(root, labels_dir=str(tmp_path))
+    subjects_lib.find_subjects(root, labels_dir=str(tmp_path))
   empty = tmp_path / "empty"
   os.makedirs(empty / "sub-05" / "anat")
   with pytest.raises(DataError, match=r"layout 'bids': looked for <root>/sub-\*"):
-    preprocess.find_subjects(empty, "bids")
+    subjects_lib.find_subjects(empty, "bids")
 
   # The cache keeps each participant's sessions and runs in one split.
   os.remove(other)

@@ -2,14 +2,14 @@
 
 import numpy as np
 
-from helpers import write_nifti_folder
+from helpers import load_config, write_nifti_folder
 from slicevae_jax import config_lib
 from slicevae_jax.data import preprocess
 from slicevae_jax.data.cache import VolumeCache
 
 
 def _config(root):
-  c = config_lib.smoke(config_lib.paper_config(64))
+  c = load_config("hcp64", "smoke")
   c.data.root = root
   c.data.num_val = 1
   return c

@@ -11,7 +11,7 @@ import pytest
 from slicevae_jax.metrics import registration as reg
 
 GRID = 48
-# Coarse classes from CerebrA, both hemispheres merged (close to DESIGN §5's aseg-like map).
+# Coarse classes from CerebrA, both hemispheres merged (close to the FreeSurfer aseg grouping, data/labels.py).
 CLASSES = ("background", "wm", "csf", "cortex", "lateral_ventricles", "ventricles_3_4",
            "cerebellum_gm", "cerebellum_wm", "thalamus", "caudate", "putamen", "pallidum",
            "hippocampus", "amygdala", "brainstem", "ventral_dc")
@@ -51,7 +51,7 @@ def template():
       for column in ("RH Label", "LH Labels"):
         lut[int(row[column])] = CLASSES.index(name)
   labels = lut[atlas]
-  # CerebrA leaves cerebral WM and sulcal CSF unlabelled; split them by intensity (DESIGN §5).
+  # CerebrA leaves cerebral WM and sulcal CSF unlabelled; split them by intensity (as data/synth.py does).
   unlabelled = (t1 > 0) & (atlas == 0)
   labels[unlabelled & (t1 >= 65)] = CLASSES.index("wm")
   labels[unlabelled & (t1 < 65)] = CLASSES.index("csf")

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from helpers import make_cache, tiny_config
-from slicevae_jax import (checkpoint as ckpt_lib, fit_latent, inference,
-                          latent_gaussian as lg, parallel, sample, train)
+from slicevae_jax import checkpoint as ckpt_lib
+from slicevae_jax import parallel, pipeline
+from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data.cache import to_stack
 from slicevae_jax.models import slice_vae
+from slicevae_jax.slicevae import fit_latent, inference, train
+from slicevae_jax.slicevae import latent as lg
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +25,11 @@ def workdir(tmp_path_factory):
   config = tiny_config()
   wd = str(root / "run")
   os.makedirs(wd)
-  inference.save_config(config, wd)
+  workdir_lib.save_config(config, wd)
   mesh = parallel.make_mesh()
   model = slice_vae.from_config(config)
   state = train.create_state(model, train.make_optimizer(config), mesh, jax.random.key(0))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(wd, train.CHECKPOINT_DIR))
+  ckpt = ckpt_lib.Checkpointer(workdir_lib.checkpoint_dir(wd))
   ckpt.save(7, state)
   ckpt.close()
   fit_latent.fit_latent(config, wd, cache)
@@ -35,7 +38,7 @@ def workdir(tmp_path_factory):
 
 def test_latent_file_has_what_sampling_needs(workdir):
   wd, cache, config = workdir
-  g, meta = lg.load(os.path.join(wd, inference.LATENT_FILE))
+  g, meta = lg.load(workdir_lib.latent_file(wd))
   assert meta["checkpoint_step"] == 7 and meta["slice_axis"] == 1
   assert g.mean.shape == (16, 2 * 2 * 8) and g.W.shape[:2] == (32, 16)
   assert g.W.shape[2] == min(config.latent.rank, meta["num_volumes"])
@@ -87,7 +90,7 @@ def test_vmapped_decode_equals_loop(workdir, bn_mode):
 
 def test_write_samples_nifti_and_png(workdir):
   wd, cache, config = workdir
-  paths = sample.write_samples(config, wd)
+  paths = pipeline.write_samples(config, wd)
   assert len(paths) == config.sample.num_volumes
   img = nib.load(paths[0])
   assert img.shape == (16, 16, 16)
@@ -97,14 +100,14 @@ def test_write_samples_nifti_and_png(workdir):
   first = inference.sample_volumes(bundle, jax.random.key(config.sample.seed), 1)[0]
   np.testing.assert_allclose(np.asarray(img.dataobj), first, atol=1e-6)
   assert os.path.exists(paths[0].replace(".nii.gz", ".png"))
-  assert sample.is_current(wd, config, 7)
+  assert pipeline.samples_current(wd, config, 7)
 
 
 def test_missing_latent_or_checkpoint_is_clear(tmp_path, workdir):
   from slicevae_jax.errors import DataError
   with pytest.raises(DataError, match="config.json"):
     inference.load_for_inference(str(tmp_path))
-  inference.save_config(workdir[2], str(tmp_path))
+  workdir_lib.save_config(workdir[2], str(tmp_path))
   with pytest.raises(DataError, match="checkpoint"):
     inference.load_for_inference(str(tmp_path))
 

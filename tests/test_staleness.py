@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from helpers import load_config, make_cache, tiny_config, write_nifti_folder
-from slicevae_jax import (config_lib, fileio, fit_latent, inference, latent_gaussian as lg,
-                          pipeline, rng, sample, staleness)
+from slicevae_jax import config_lib, fileio, pipeline, rng, staleness
+from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data import preprocess, synth
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import ConfigError
+from slicevae_jax.slicevae import fit_latent
+from slicevae_jax.slicevae import latent as lg
 
 STEP = 4  # demo smoke's train.num_steps
 
@@ -59,11 +61,11 @@ def info_logs(caplog):
 
 
 def _latent_path(wd: str) -> str:
-  return os.path.join(wd, inference.LATENT_FILE)
+  return workdir_lib.latent_file(wd)
 
 
 def _index(wd: str) -> dict:
-  return fileio.read_json(os.path.join(wd, sample.SAMPLES_DIR, sample.INDEX))
+  return fileio.read_json(workdir_lib.samples_index(wd))
 
 
 # --------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def _index(wd: str) -> dict:
 def test_unchanged_config_is_current(trained):
   config, wd = trained
   assert fit_latent.is_current(wd, config, STEP)
-  assert sample.is_current(wd, config, STEP)
+  assert pipeline.samples_current(wd, config, STEP)
   _, meta = lg.load(_latent_path(wd))
   assert meta["fit_inputs"] == fit_latent.fit_inputs(config, STEP)
   assert _index(wd)["latent_sha256"] == staleness.file_sha256(_latent_path(wd))
@@ -104,12 +106,12 @@ def test_a_latent_file_without_the_record_is_stale(workdir_copy):
 
 def test_samples_go_stale_with_the_latent_file_or_bn_mode(workdir_copy, info_logs):
   config, wd = workdir_copy
-  assert sample.is_current(wd, config, STEP)
-  assert not sample.is_current(wd, _with(config, "model.bn_mode", "volume"), STEP)
+  assert pipeline.samples_current(wd, config, STEP)
+  assert not pipeline.samples_current(wd, _with(config, "model.bn_mode", "volume"), STEP)
   assert "bn_mode: running -> volume" in info_logs.text
   g, meta = lg.load(_latent_path(wd))
   lg.save(_latent_path(wd), g, dict(meta, fit_seconds=meta["fit_seconds"] + 1.0))
-  assert not sample.is_current(wd, config, STEP)
+  assert not pipeline.samples_current(wd, config, STEP)
   assert "latent_sha256" in info_logs.text
 
 
@@ -124,19 +126,20 @@ def test_rank_change_refits_and_resamples_then_skips(workdir_copy, info_logs):
   assert new_sha != old_sha and _index(wd)["latent_sha256"] == new_sha
   assert "rank_requested: 4 -> 2" in info_logs.text
   # Nothing changed since: both stages are skipped and their files left alone.
-  stamp = os.path.getmtime(os.path.join(wd, sample.SAMPLES_DIR, sample.INDEX))
+  stamp = os.path.getmtime(workdir_lib.samples_index(wd))
   info_logs.clear()
   pipeline.run(config, wd, "all", evaluate=False)
   assert "fit_latent: current" in info_logs.text and "sample: current" in info_logs.text
   assert staleness.file_sha256(_latent_path(wd)) == new_sha
-  assert os.path.getmtime(os.path.join(wd, sample.SAMPLES_DIR, sample.INDEX)) == stamp
+  assert os.path.getmtime(workdir_lib.samples_index(wd)) == stamp
 
 
 def test_bn_mode_switches_on_a_trained_workdir(workdir_copy):
   config, wd = workdir_copy
   config.model.bn_mode = "volume"
   pipeline.run(config, wd, "all", evaluate=False)
-  assert fileio.read_json(os.path.join(wd, inference.CONFIG_FILE))["model"]["bn_mode"] == "volume"
+  recorded = fileio.read_json(os.path.join(wd, workdir_lib.CONFIG_FILE))
+  assert recorded["model"]["bn_mode"] == "volume"
   _, meta = lg.load(_latent_path(wd))
   assert meta["fit_inputs"]["bn_mode"] == "volume"
   index = _index(wd)
@@ -144,7 +147,7 @@ def test_bn_mode_switches_on_a_trained_workdir(workdir_copy):
   assert index["latent_sha256"] == staleness.file_sha256(_latent_path(wd))
   # The rest of the model group stays frozen under the checkpoints.
   with pytest.raises(ConfigError, match="model"):
-    pipeline.record_config(_with(config, "model.base_width", 8), wd)
+    workdir_lib.record_config(_with(config, "model.base_width", 8), wd)
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +168,7 @@ def test_bn_mode_switches_on_a_trained_workdir(workdir_copy):
 ])
 def test_a_synthetic_cache_with_other_settings_is_refused(trained, key, value):
   config, wd = trained
-  path = pipeline.cache_dir(config, wd)
+  path = workdir_lib.cache_dir(config, wd)
   with pytest.raises(ConfigError) as err:
     pipeline.prepare_cache(_with(config, key, value), wd)
   msg = str(err.value)
@@ -277,7 +280,7 @@ def test_a_synthetic_subject_does_not_depend_on_the_count():
 def test_latent_subjects_come_from_their_stream(trained):
   config, wd = trained
   _, meta = lg.load(_latent_path(wd))
-  cache = VolumeCache(pipeline.cache_dir(config, wd))
+  cache = VolumeCache(workdir_lib.cache_dir(config, wd))
   train_ids = cache.split("train")
   n = min(config.latent.num_volumes, len(train_ids))
   want = sorted(rng.generator(config.seed, "latent_subjects").choice(

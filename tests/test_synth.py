@@ -32,8 +32,8 @@ def test_template_groups_every_cerebra_label():
   assert tpl.t1.dtype == np.float32 and tpl.labels.dtype == np.uint8
   # The paper's 15 classes, the same set as FreeSurfer-labelled real data.
   assert tpl.label_names == synth.SYNTH_LABEL_NAMES == list(labels.FREESURFER15_NAMES)
-  lut = synth.cerebra_lookup(synth._mni_folder() / synth._ATLAS_CSV)
-  grouped = lut[1:synth.NUM_CEREBRA_LABELS + 1]
+  lut = labels.cerebra_lookup(synth._mni_folder() / synth._ATLAS_CSV)
+  grouped = lut[1:labels.NUM_CEREBRA_LABELS + 1]
   assert np.all((grouped >= 1) & (grouped < len(synth.SYNTH_LABEL_NAMES)))
   # WM and CSF come from the intensity split, not from CerebrA labels.
   assert CLS["cerebral_wm"] not in grouped and CLS["csf"] not in grouped

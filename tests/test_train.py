@@ -8,10 +8,11 @@ import pytest
 
 from helpers import identifiable_params, make_cache, tiny_config
 from slicevae_jax import checkpoint as ckpt_lib
-from slicevae_jax import parallel, train
+from slicevae_jax import parallel
 from slicevae_jax.data import slices as slices_lib
 from slicevae_jax.errors import ConfigError, NonFiniteLossError
 from slicevae_jax.metric_writer import read_metrics
+from slicevae_jax.slicevae import train
 
 
 @pytest.fixture(scope="module")

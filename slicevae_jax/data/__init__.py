@@ -1,1 +1,1 @@
-"""Data: NIfTI I/O, preprocessing, the embedded default data set, the slice cache."""
+"""Data, the head of the data flow: NIfTI files or the embedded template -> cache -> batches."""

@@ -1,4 +1,4 @@
-"""The preprocessed-volume cache that training, latent fitting and evaluation read.
+"""Volume cache: preprocessing writes it once; training, the latent fit and evaluation read it.
 
 Layout of a cache folder (written by `CacheWriter`, read by `VolumeCache`)::
 
@@ -37,8 +37,8 @@ PROGRESS = "progress.jsonl"
 
 
 def to_stack(volume: np.ndarray, slice_axis: int) -> np.ndarray:
-  """[X, Y, Z] volume -> [S, H, W] stack of slices along `slice_axis`."""
-  return np.moveaxis(volume, slice_axis, 0)
+  """[..., X, Y, Z] volume(s) -> [..., S, H, W] stack(s) of slices along `slice_axis`."""
+  return np.moveaxis(volume, volume.ndim - 3 + slice_axis, -3)
 
 
 def to_volume(stack: np.ndarray, slice_axis: int) -> np.ndarray:
@@ -206,7 +206,7 @@ class CacheWriter:
 
   def _record(self, rec: dict[str, Any]) -> None:
     with open(self._progress_file(), "a", encoding="utf-8") as f:
-      f.write(json.dumps(rec, default=fileio._json_default) + "\n")
+      f.write(json.dumps(rec, default=fileio.json_default) + "\n")
       f.flush()
       os.fsync(f.fileno())
     self.done[int(rec["row"])] = rec
@@ -319,8 +319,37 @@ class VolumeCache:
       raise DataError(f"{self.path}: this cache has no labels")
     return _gather(self.labels, rows, slices)
 
+  def label_names(self) -> list[str]:
+    """The label names, background first; DataError if the cache holds no labels (the RAS
+    segmenter trains on them and the evaluation scores against them)."""
+    names = self.manifest.get("label_names")
+    if not self.manifest.get("has_labels") or not names:
+      raise DataError(f"{self.path}: the RAS segmenter and the evaluation need labelled "
+                      f"volumes, and this cache has no labels (give label files: HCP "
+                      f"aparc+aseg or data.labels_dir)")
+    return list(names)
+
+  def held_out(self, limit: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(volumes [M, X, Y, Z], label maps, label names) of the 'val' split, the first `limit`
+    (0: all): the real set the evaluation scores against."""
+    names = self.label_names()
+    val = self.split("val")
+    if not val:
+      raise DataError(f"{self.path}: no held-out ('val') volumes to evaluate against; set "
+                      f"data.num_val > 0")
+    val = val[:limit] if limit else val
+    return (np.stack([self.volume(i) for i in val]),
+            np.stack([self.label_volume(i) for i in val]), names)
+
   def affine(self, i: int) -> np.ndarray:
     return np.asarray(self.subjects[i]["affine"], np.float64)
+
+  def reference_affine(self, subjects: Sequence[int]) -> np.ndarray:
+    """A grid affine for generated volumes: shared rotation/zooms, mean translation."""
+    affines = np.stack([self.affine(i) for i in subjects])
+    out = affines[0].copy()
+    out[:3, 3] = affines[:, :3, 3].mean(axis=0)
+    return out
 
   @property
   def voxel_size(self) -> tuple[float, ...]:

@@ -1,10 +1,11 @@
-"""NIfTI I/O: first step of the data flow (files -> arrays + affines) and last (samples -> files).
+"""NIfTI I/O: files -> arrays + affines at the head of the data flow, samples -> files at its end.
 
 Everything downstream works on RAS-canonical arrays `[X, Y, Z]` with a 4x4 voxel ->
 world (mm) affine. Loading checks the things that otherwise fail far away and
 obscurely (a truncated download, a 4D series, NaNs) and names the file at fault.
 """
 
+import glob
 import gzip
 import os
 import struct
@@ -12,11 +13,15 @@ import zlib
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from slicevae_jax import fileio
+from slicevae_jax.data import intensity
 from slicevae_jax.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 # What nibabel, gzip and zlib raise on files that are not NIfTI, are truncated
 # or are corrupt. nibabel reads lazily, so these surface when the data are read.
@@ -170,3 +175,46 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *
   # The temporary name keeps the extension, so nibabel picks gzip or not from it.
   with fileio.atomic_path(path, suffix=suffix) as tmp:
     nib.save(img, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders of volumes (another model's samples, real volumes to score against).
+
+
+def list_nifti(folder: str, what: str) -> list[str]:
+  """Sorted .nii / .nii.gz files in `folder`; DataError naming it if missing or empty."""
+  if not os.path.isdir(folder):
+    raise DataError(f"{folder}: {what} folder does not exist")
+  paths = sorted(p for suffix in NIFTI_SUFFIXES
+                 for p in glob.glob(os.path.join(folder, "*" + suffix)))
+  if not paths:
+    raise DataError(f"{folder}: no {what} (.nii / .nii.gz files) in this folder")
+  return paths
+
+
+def load_set(paths: list[str], what: str) -> np.ndarray:
+  """Loads volumes [n, X, Y, Z] in [0, 1]; every file on the grid of the first."""
+  vols, rescaled = [], 0
+  for p in paths:
+    v, _ = load_volume(p)
+    if vols and v.shape != vols[0].shape:
+      raise DataError(f"{p}: shape {v.shape} differs from {paths[0]}: {vols[0].shape}; all "
+                      f"{what} must share one grid")
+    v, changed = intensity.to_unit_range(v, p)
+    rescaled += changed
+    vols.append(v.astype(np.float32))
+  if rescaled:
+    logging.warning("%d of %d %s were outside [0, 1] and were rescaled by their min/max "
+                    "(see data.intensity.to_unit_range)", rescaled, len(paths), what)
+  return np.stack(vols)
+
+
+def load_label_set(paths: list[str], shape: tuple[int, ...]) -> np.ndarray:
+  """Loads label maps [n, X, Y, Z], each on the grid `shape` of its volume."""
+  out = []
+  for p in paths:
+    lab, _ = load_labels(p)
+    if lab.shape != shape:
+      raise DataError(f"{p}: label map shape {lab.shape} differs from its volume's {shape}")
+    out.append(lab)
+  return np.stack(out)

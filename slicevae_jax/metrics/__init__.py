@@ -1,1 +1,1 @@
-"""Metrics for generated volumes: MMD, MS-SSIM, registration and the Realistic Atlas Score."""
+"""Metrics, the end of the data flow: generated and real volumes -> MMD, MS-SSIM, RAS, FD."""

@@ -1,6 +1,6 @@
 """Maximum Mean Discrepancy: real volumes vs generated volumes [N, X, Y, Z] -> one distance.
 
-Sits at the end of the data flow (sampled volumes -> metrics, paper §4.2, DESIGN §4). Two
+Sits at the end of the data flow (sampled volumes -> metrics, paper §4.2). Two
 estimators:
 
 * `kwon_mmd` / `kwon_mmd_protocol` — the minibatch MMD of Kwon et al. (2019) that Table 1

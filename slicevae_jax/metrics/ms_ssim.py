@@ -1,6 +1,6 @@
 """3D (MS-)SSIM: generated or real volumes [N, X, Y, Z] -> similarity per pair -> diversity score.
 
-Sits at the end of the data flow (sampled volumes -> metrics, paper §4.2, DESIGN §4). The
+Sits at the end of the data flow (sampled volumes -> metrics, paper §4.2). The
 diversity protocol `pairwise_ms_ssim` averages MS-SSIM over random distinct pairs drawn from
 one set of volumes: lower means more diverse samples. The paper follows Kwon et al. (2019),
 whose reference code has quirks; `kwon=True` reproduces them, the default is the textbook form.
@@ -60,7 +60,7 @@ Array = jax.Array
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SIGMA = 1.5
 DEFAULT_TAPS = 11   # Wang et al. 2003
-KWON_TAPS = 13      # Kwon et al.'s reference (DESIGN §4)
+KWON_TAPS = 13      # Kwon et al.'s reference code
 K1, K2 = 0.01, 0.03
 
 

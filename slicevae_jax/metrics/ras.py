@@ -1,6 +1,6 @@
 """Realistic Atlas Score: volumes used as atlases for real ones -> Dice per label (paper §2.2).
 
-Sits at the end of the data flow, after sampling (DESIGN §4). For every (moving, fixed) pair
+Sits at the end of the data flow, after sampling (paper §4.3). For every (moving, fixed) pair
 of a set of moving volumes [n, X, Y, Z] (generated samples, with labels predicted by the RAS
 U-Net) and a set of real volumes [M, X, Y, Z] with their own label maps:
 
@@ -31,30 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from slicevae_jax.errors import ConfigError, DataError
+from slicevae_jax.errors import DataError
 from slicevae_jax.metrics import registration
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]
-
-
-def registration_settings(eval_config: Any) -> dict[str, Any]:
-  """Keyword arguments of `register_affine` from a config's `eval` group.
-
-  Reads reg_levels, reg_iters (one per level, coarsest first), reg_lr and similarity.
-  Raises ConfigError when they do not fit together.
-  """
-  levels = int(eval_config.reg_levels)
-  iters = tuple(int(i) for i in eval_config.reg_iters)
-  if levels < 1 or len(iters) != levels:
-    raise ConfigError(f"config keys 'eval.reg_levels'={levels} and 'eval.reg_iters'={iters}: "
-                      f"need one iteration count per level")
-  if eval_config.similarity not in registration.SIMILARITIES:
-    raise ConfigError(f"config key 'eval.similarity' is {eval_config.similarity!r}; choose one "
-                      f"of {list(registration.SIMILARITIES)}")
-  if not float(eval_config.reg_lr) > 0:
-    raise ConfigError(f"config key 'eval.reg_lr' must be positive, got {eval_config.reg_lr}")
-  return dict(levels=levels, iters=iters, lr=float(eval_config.reg_lr),
-              similarity=str(eval_config.similarity))
 
 
 def _check_sets(moving: np.ndarray, moving_labels: np.ndarray, fixed: np.ndarray,
@@ -88,7 +68,7 @@ def ras_from_labels(moving: Any, moving_labels: Any, fixed: Any, fixed_labels: A
     pair_batch: pairs registered per jitted call; the last chunk is padded by repeating a
       pair, so every call has one shape and compiles once.
     **reg_kwargs: passed to `registration.register_affine` (levels, iters, lr, similarity,
-      ...; see `registration_settings`).
+      ...; the eval stage takes them from config.eval).
 
   Returns:
     dict with

@@ -1,4 +1,4 @@
-"""Affine registration and Dice for the Realistic Atlas Score (paper §2.2, DESIGN §4).
+"""Affine registration and Dice: moving volume -> fixed volume's grid, for the RAS (paper §2.2).
 
 Data flow: generated volume + its predicted labels (moving) and a real volume + its labels
 (fixed) -> `register_affine` -> `warp_labels` -> `dice`. Everything is batched over pairs
@@ -28,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from slicevae_jax import config_lib
+
 Array = jax.Array
 
 NUM_PARAMS = 12
-SIMILARITIES = ("ncc", "lncc", "mse")
+SIMILARITIES = config_lib.SIMILARITIES   # ('ncc', 'lncc', 'mse'): eval.similarity's choices
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The volumetric models the slice VAE is compared against: 3D WGAN-GP, 3D VAE-GAN,
 3D α-GAN and 3D α-WGAN. They share four building blocks, defined here; losses
-and train steps live in baselines.py.
+and train steps live in baselines/steps.py.
 
   Generator            z [B, L] -> x [B, G, G, G, 1] in (-1, 1)
   Discriminator        x -> [B, out_features] raw scores (critic, GAN logit, or

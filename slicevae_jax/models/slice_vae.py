@@ -4,9 +4,9 @@ A fully convolutional residual VAE with no dense layer. The encoder halves the
 slice with ResDown blocks down to 4x4 and two parallel ResDown heads give the
 posterior mean and log-variance at 2x2; the decoder mirrors it with ResUp
 blocks and ends in a linear 1-channel convolution. Widths follow the released
-reference (DESIGN §1): base width 16 / 8 / 4 at 64² / 128² / 256², doubling per
-stage up to 128, latent 2x2x256 = 1024 at every resolution, about 3.3 M
-parameters.
+reference (paper §3.1 lists its encoders): base width 16 / 8 / 4 at 64² / 128² /
+256², doubling per stage up to 128, latent 2x2x256 = 1024 at every resolution,
+about 3.3 M parameters.
 
 BatchNorm at inference (`bn_mode`):
   'running'  running averages, the usual choice;

@@ -4,7 +4,7 @@ Paper §3.3: a U-Net (Ronneberger et al.) trained on coronal slices of real
 volumes with a Dice loss. Four resolution levels, two 3x3 conv + BatchNorm +
 ReLU per level, max-pooling down, nearest x2 + conv up, skip concatenation.
 With `features=True` the same parameters give the bottleneck activations
-instead, which the segmenter Fréchet distance (metrics/frechet.py) pools.
+instead, which eval/segmenter.py pools for the segmenter Fréchet distance.
 """
 
 from typing import Any, Sequence

@@ -1,13 +1,16 @@
-"""RAS segmenter: labelled real slices -> 2D U-Net (Dice loss) -> label volumes.
+"""RAS segmenter: labelled real slices -> 2D U-Net (Dice loss) -> label volumes and features.
 
 Trained on coronal slices of the cache's labelled training volumes with a soft
 Dice loss, Adam 1e-3, batch 16 (paper §3.3), through the same loop as the slice
 VAE (resume, logs, non-finite guard) in `<workdir>/segmenter/`. Validation
-reports the Dice per label on held-out volumes, segmented slice by slice.
+reports the Dice per label on held-out volumes, segmented slice by slice. The
+evaluation uses the trained U-Net twice: its labels of generated volumes feed the
+RAS (metrics/ras.py), its bottleneck features the segmenter Fréchet distance
+(metrics/frechet.py).
 """
 
 import math
-import os
+import warnings
 from typing import Any
 
 import dm_pix as pix
@@ -17,18 +20,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import parallel
 from slicevae_jax import rng
 from slicevae_jax import trainer
 from slicevae_jax import viz
+from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data import slices as slices_lib
-from slicevae_jax.data.cache import VolumeCache, to_volume
+from slicevae_jax.data.cache import VolumeCache, to_stack, to_volume
 from slicevae_jax.errors import DataError
+from slicevae_jax.metrics import frechet
+from slicevae_jax.metrics import registration
 from slicevae_jax.models.unet import UNet
-
-SUBDIR = "segmenter"
 
 
 @flax.struct.dataclass
@@ -53,16 +58,6 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   return 1.0 - jnp.mean((2.0 * inter + eps) / (denom + eps))
 
 
-def dice_per_label(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-  """Hard Dice per label [K] (NaN where a label is in neither map)."""
-  pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
-  inter = np.bincount(pred[pred == truth], minlength=num_classes)[:num_classes]
-  total = (np.bincount(pred, minlength=num_classes)[:num_classes]
-           + np.bincount(truth, minlength=num_classes)[:num_classes])
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(total > 0, 2.0 * inter / total, np.nan)
-
-
 def augment(images: jax.Array, key: jax.Array, blur_max: float) -> jax.Array:
   """Blur and contrast changes of training slices [B, H, W, 1] in [0, 1], per slice.
 
@@ -83,14 +78,6 @@ def augment(images: jax.Array, key: jax.Array, blur_max: float) -> jax.Array:
   return jnp.clip(jnp.where(apply, blurred, images), 0.0, 1.0) ** gamma
 
 
-def label_names(cache: VolumeCache) -> list[str]:
-  names = cache.manifest.get("label_names")
-  if not cache.manifest.get("has_labels") or not names:
-    raise DataError(f"{cache.path}: the segmenter needs labelled volumes; this cache has no "
-                    f"labels (give label files: HCP aparc+aseg or data.labels_dir)")
-  return list(names)
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> UNet:
   return UNet(num_classes=num_classes, widths=tuple(config.segmenter.widths))
 
@@ -103,36 +90,74 @@ def _init_fn(model: UNet, tx, size: int):
   return init
 
 
-def _segment_fn(model: UNet):
-  @jax.jit
-  def run(variables, stacks):  # [n, S, H, W] -> [n, S, H, W] labels
-    logits = jax.vmap(lambda s: model.apply(variables, s[..., None], train=False))(stacks)
-    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
-  return run
-
-
 def segment_volumes(model: UNet, variables, volumes: np.ndarray, slice_axis: int, mesh=None,
                     batch: int = 4) -> np.ndarray:
   """Labels [N, X, Y, Z] uint8 of volumes [N, X, Y, Z], segmented slice by slice."""
-  from slicevae_jax import inference  # pylint: disable=import-outside-toplevel
-  mesh = mesh or parallel.make_mesh()
-  stacks = np.moveaxis(np.asarray(volumes, np.float32), slice_axis + 1, 1)  # [N, S, H, W]
-  fn = _segment_fn(model)
-  out = inference.map_volumes(lambda x: fn(variables, x), stacks, batch, mesh)
+  def segment(v, stack):  # [S, H, W] -> [S, H, W] labels
+    return jnp.argmax(model.apply(v, stack[..., None], train=False), axis=-1).astype(jnp.uint8)
+  stacks = to_stack(np.asarray(volumes, np.float32), slice_axis)
+  out = parallel.map_stacks(segment, variables, stacks, batch, mesh or parallel.make_mesh())
   return to_volume(out, slice_axis)
+
+
+def segmenter_features(model: UNet, variables, volumes: np.ndarray, slice_axis: int, *,
+                       slabs: int = 1, batch: int = 4, mesh=None) -> np.ndarray:
+  """Per-volume U-Net bottleneck features: volumes [N, X, Y, Z] -> float64 [N, slabs · C].
+
+  What the segmenter Fréchet distance compares (metrics/frechet.py): every slice along
+  the slice axis goes through the U-Net encoder to the bottleneck [S, h, w, C], which is
+  averaged over h and w, then over the slices of each of `slabs` equal, consecutive slabs
+  along the slice axis, concatenated. One sample per volume, not per slice: slices of one
+  volume are strongly correlated, which would make a per-slice covariance look far better
+  determined than it is; slabs > 1 keeps coarse position along the slice axis.
+
+  Args:
+    model: the RAS `UNet`; variables: its {'params', 'batch_stats'}.
+    volumes: [N, X, Y, Z] in [0, 1], on the segmenter's grid.
+    slice_axis: the volume axis the segmenter was trained to slice along.
+    slabs: slabs whose pooled features are concatenated; at most the number of slices.
+    batch: volumes per jitted call, sharded over the mesh's devices.
+  """
+  volumes = np.asarray(volumes, np.float32)
+  if volumes.ndim != 4:
+    raise DataError(f"segmenter_features expects volumes [N, X, Y, Z], got {volumes.shape}")
+  if not 1 <= slabs <= volumes.shape[1 + slice_axis]:
+    raise ValueError(f"slabs must be in [1, {volumes.shape[1 + slice_axis]}], got {slabs}")
+
+  def features(v, stack):  # [S, H, W] -> [slabs * C]
+    h = model.apply(v, stack[..., None], train=False, features=True)   # [S, h, w, C]
+    parts = jnp.array_split(jnp.mean(h, axis=(1, 2)), int(slabs), axis=0)
+    return jnp.concatenate([jnp.mean(p, axis=0) for p in parts])
+  out = parallel.map_stacks(features, variables, to_stack(volumes, slice_axis), batch,
+                            mesh or parallel.make_mesh())
+  return np.asarray(out, np.float64)
+
+
+def segmenter_frechet_distance(model: UNet, variables: Any, volumes_a: Any, volumes_b: Any,
+                               slice_axis: int, *, slabs: int = 1, batch: int = 4,
+                               mesh: Any = None) -> dict[str, Any]:
+  """Segmenter FD between two volume sets [N_a, X, Y, Z], [N_b, X, Y, Z] (N ≥ 2 each).
+
+  Returns dict(fd, dim, n_a, n_b, features_a [N_a, D], features_b [N_b, D]).
+  """
+  fa = segmenter_features(model, variables, volumes_a, slice_axis, slabs=slabs, batch=batch,
+                          mesh=mesh)
+  fb = segmenter_features(model, variables, volumes_b, slice_axis, slabs=slabs, batch=batch,
+                          mesh=mesh)
+  return dict(fd=frechet.frechet_distance(fa, fb), dim=int(fa.shape[1]), n_a=len(fa), n_b=len(fb),
+              features_a=fa, features_b=fb)
 
 
 def segmenter_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
                    ) -> tuple[trainer.Task, UNet]:
   s = config.segmenter
-  names = label_names(cache)
+  names = cache.label_names()
   k = len(names)
   model = build_model(config, k)
   tx = optax.adam(s.learning_rate)
   size = cache.stack_shape[1]
   root = rng.key(config.seed, "segmenter_init")
   init = _init_fn(model, tx, size)
-  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
 
   def step(state: SegState, batch, key):
     image = batch["image"]
@@ -164,8 +189,11 @@ def segmenter_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     vols = np.stack([cache.volume(i) for i in held_out])
     pred = segment_volumes(model, variables, vols, cache.slice_axis, mesh)
-    d = np.stack([dice_per_label(p, cache.label_volume(i), k) for p, i in zip(pred, held_out)])
-    per = np.nanmean(d, axis=0)
+    truth = np.stack([cache.label_volume(i) for i in held_out])
+    d = np.asarray(registration.dice(pred, truth, k, ignore_background=False), np.float64)
+    with warnings.catch_warnings():   # a label absent from every volume: NaN, as it should
+      warnings.simplefilter("ignore", category=RuntimeWarning)
+      per = np.nanmean(d, axis=0)
     out = {"val_dice_mean": float(np.nanmean(per[1:]))}
     out.update({f"val_dice/{n}": float(v) for n, v in zip(names[1:], per[1:])})
     return out
@@ -183,12 +211,9 @@ def segmenter_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
 
   task = trainer.Task(
       name="segmenter",
-      abstract_state=lambda: jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-          jax.eval_shape(init, root)),
-      init_state=lambda: jax.jit(init, out_shardings=repl)(root),
-      train_step=jax.jit(step, in_shardings=(repl, shard, repl), out_shardings=(repl, repl),
-                         donate_argnums=0),
+      abstract_state=lambda: trainer.abstract_state(init, mesh),
+      init_state=lambda: trainer.create_state(init, mesh, root),
+      train_step=trainer.jit_train_step(step, mesh),
       load_batch=load, batch_size=s.batch_size, unit="slice", evaluate=evaluate,
       images=images, epoch_of=sampler.epoch_of, log_keys=("loss", "val_dice_mean"))
   return task, model
@@ -199,7 +224,7 @@ def train_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: Volu
   """Trains (or resumes) the RAS segmenter in `<workdir>/segmenter/`."""
   mesh = mesh or parallel.make_mesh()
   task, _ = segmenter_task(config, cache, mesh)
-  return trainer.run(task, config.segmenter, os.path.join(workdir, SUBDIR), mesh,
+  return trainer.run(task, config.segmenter, workdir_lib.segmenter_dir(workdir), mesh,
                      rng.key(config.seed, "segmenter_train"))
 
 
@@ -208,8 +233,32 @@ def load_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: Volum
   """(model, variables) of the newest segmenter checkpoint."""
   mesh = mesh or parallel.make_mesh()
   task, model = segmenter_task(config, cache, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, SUBDIR, trainer.CHECKPOINT_DIR),
+  ckpt = ckpt_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir_lib.segmenter_dir(workdir)),
                                read_only=True)
   state = ckpt.restore(task.abstract_state())
   ckpt.close()
   return model, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def ensure_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
+                     mesh=None) -> tuple[UNet, dict[str, Any]]:
+  """(model, variables) of the workdir's RAS segmenter, trained or resumed first if needed.
+
+  Training happens when the newest finished checkpoint is short of segmenter.num_steps and
+  eval.train_segmenter is set; without it, an unfinished segmenter is used with a warning
+  and a missing one is a DataError.
+  """
+  run_dir = workdir_lib.segmenter_dir(workdir)
+  step = workdir_lib.latest_step(run_dir)
+  if step is None or step < int(config.segmenter.num_steps):
+    if config.eval.train_segmenter:
+      logging.info("RAS segmenter: training to step %d in %s", config.segmenter.num_steps,
+                   run_dir)
+      train_segmenter(config, workdir, cache, mesh)
+    elif step is None:
+      raise DataError(f"{workdir_lib.checkpoint_dir(run_dir)}: no trained RAS segmenter; train "
+                      f"it (eval.train_segmenter=True) or point to a workdir that has one")
+    else:
+      logging.warning("RAS segmenter at step %d of %d (eval.train_segmenter is off)", step,
+                      config.segmenter.num_steps)
+  return load_segmenter(config, workdir, cache, mesh)

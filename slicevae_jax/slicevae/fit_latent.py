@@ -1,14 +1,13 @@
-"""Latent stage: encode N training volumes slice by slice, fit the latent Gaussian models.
+"""Latent stage: cache + checkpoint -> encoded training stacks -> the fitted latent Gaussians.
 
 Reads the cache and the newest checkpoint, writes `<workdir>/latent_gaussian.npz` for the
 config's `latent.model` (per_dim: the paper's per-dimension slice Gaussians, §2.1; joint;
 rotated) with the metadata sampling needs (mean, factors, singular values, slice axis,
 grid, voxel size, affine, checkpoint step), so sampling never re-encodes volumes, and
 `latent_<kind>.npz` for each other model the evaluation compares (`eval.latent_models`),
-fitted on the same codes. The
-meta also records what the fit depends on (`fit_inputs`: checkpoint step,
-requested rank and count, latent model, BN mode, seed); `--mode=all` refits when
-any of them changed.
+fitted on the same codes. The meta also records what the fit depends on (`fit_inputs`:
+checkpoint step, requested rank and count, latent model, BN mode, seed); `--mode=all`
+refits when any of them changed.
 """
 
 import os
@@ -19,20 +18,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from slicevae_jax import inference
-from slicevae_jax import latent_gaussian as lg
 from slicevae_jax import parallel
 from slicevae_jax import rng
 from slicevae_jax import staleness
+from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data.cache import VolumeCache
-
-
-def reference_affine(cache: VolumeCache, subjects: list[int]) -> np.ndarray:
-  """A grid affine for generated volumes: shared rotation/zooms, mean translation."""
-  affines = np.stack([cache.affine(i) for i in subjects])
-  out = affines[0].copy()
-  out[:3, 3] = affines[:, :3, 3].mean(axis=0)
-  return out
+from slicevae_jax.slicevae import inference
+from slicevae_jax.slicevae import latent as lg
 
 
 def latent_meta(config, cache: VolumeCache, step: int, subjects: list[int],
@@ -41,7 +33,7 @@ def latent_meta(config, cache: VolumeCache, step: int, subjects: list[int],
       "checkpoint_step": int(step),
       "slice_axis": int(cache.slice_axis),
       "grid": list(cache.grid),
-      "affine": reference_affine(cache, subjects).tolist(),
+      "affine": cache.reference_affine(subjects).tolist(),
       "voxel_size": list(cache.voxel_size),
       "latent_shape": [int(config.model.latent_size)] * 2 + [int(config.model.latent_channels)],
       "bn_mode": config.model.bn_mode,
@@ -76,15 +68,10 @@ def extra_models(config: ml_collections.ConfigDict) -> list[str]:
   return [k for k in dict.fromkeys(config.eval.latent_models) if k != config.latent.model]
 
 
-def extra_path(workdir: str, kind: str) -> str:
-  """Where a latent model fitted only for the report's rows lives: latent_<kind>.npz."""
-  return os.path.join(workdir, f"latent_{kind}.npz")
-
-
 def latent_files(workdir: str) -> dict[str, str]:
   """{model kind: path} of every latent model file in the workdir, the main one first."""
   out = {}
-  main = os.path.join(workdir, inference.LATENT_FILE)
+  main = workdir_lib.latent_file(workdir)
   if os.path.exists(main):
     try:
       _, meta = lg.load(main)
@@ -92,7 +79,7 @@ def latent_files(workdir: str) -> dict[str, str]:
     except Exception:  # pylint: disable=broad-except
       pass
   for kind in lg.MODELS:
-    path = extra_path(workdir, kind)
+    path = workdir_lib.latent_file(workdir, kind)
     if kind not in out and os.path.exists(path):
       out[kind] = path
   return out
@@ -114,9 +101,9 @@ def is_current(workdir: str, config: ml_collections.ConfigDict, step: int) -> bo
   The main file (latent.model) and one file per other model of eval.latent_models.
   Logs (INFO) what changed when one was not; a file without the record is stale.
   """
-  if not _file_current(os.path.join(workdir, inference.LATENT_FILE), fit_inputs(config, step)):
+  if not _file_current(workdir_lib.latent_file(workdir), fit_inputs(config, step)):
     return False
-  return all(_file_current(extra_path(workdir, k), fit_inputs(config, step, k))
+  return all(_file_current(workdir_lib.latent_file(workdir, k), fit_inputs(config, step, k))
              for k in extra_models(config))
 
 
@@ -151,8 +138,8 @@ def fit_latent(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCac
     meta = latent_meta(config, cache, bundle.step, subjects, g)
     meta.update(encode_seconds=encode_seconds, fit_seconds=t2 - t1)
     meta["fit_inputs"] = fit_inputs(config, bundle.step, kind)
-    path = (os.path.join(workdir, inference.LATENT_FILE) if main is None
-            else extra_path(workdir, kind))
+    path = (workdir_lib.latent_file(workdir) if main is None
+            else workdir_lib.latent_file(workdir, kind))
     if jax.process_index() == 0:
       lg.save(path, g, meta)
     logging.info("latent model %s: N=%d, S=%d, L=%d, rank %d, %.1f%% variance kept; fit %.1fs "

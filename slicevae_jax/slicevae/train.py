@@ -1,9 +1,9 @@
-"""Slice VAE training: cache -> shuffled slice batches on the mesh -> jitted Adam steps.
+"""Slice VAE training stage: cache -> shuffled slice batches on the mesh -> jitted Adam steps.
 
-The model-specific half of training (state, step, evaluation, pictures); the
-loop itself (resume, logging, checkpoints, non-finite guard) is `trainer.run`.
-`train(config, workdir, cache)` resumes from the newest checkpoint in
-`<workdir>/checkpoints`; batches and noise are pure functions of (seed, step)
+The model-specific half of training (state, step, evaluation, pictures) as a
+`trainer.Task`; the loop itself (resume, logging, checkpoints, non-finite guard)
+is `trainer.run`. `train(config, workdir, cache)` resumes from the newest
+checkpoint in the workdir; batches and noise are pure functions of (seed, step)
 through the named streams of `rng`, so the resumed run matches an
 uninterrupted one.
 """
@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from slicevae_jax import losses
 from slicevae_jax import parallel
 from slicevae_jax import rng
 from slicevae_jax import trainer
@@ -25,8 +24,7 @@ from slicevae_jax import viz
 from slicevae_jax.data import slices as slices_lib
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.models import slice_vae
-
-CHECKPOINT_DIR = trainer.CHECKPOINT_DIR
+from slicevae_jax.slicevae import losses
 
 
 @flax.struct.dataclass
@@ -75,13 +73,11 @@ def init_fn(model: slice_vae.SliceVAE, tx: optax.GradientTransformation
 
 def abstract_state(model, tx, mesh) -> TrainState:
   """Shapes, dtypes and (replicated) shardings of the state, without computing it."""
-  shapes = jax.eval_shape(init_fn(model, tx), jax.random.key(0))
-  repl = parallel.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+  return trainer.abstract_state(init_fn(model, tx), mesh)
 
 
 def create_state(model, tx, mesh, key: jax.Array) -> TrainState:
-  return jax.jit(init_fn(model, tx), out_shardings=parallel.replicated(mesh))(key)
+  return trainer.create_state(init_fn(model, tx), mesh, key)
 
 
 def make_train_step(model: slice_vae.SliceVAE, tx: optax.GradientTransformation,
@@ -111,9 +107,7 @@ def make_train_step(model: slice_vae.SliceVAE, tx: optax.GradientTransformation,
                    finite=finite.astype(jnp.float32))
     return new, metrics
 
-  repl, shard = parallel.replicated(mesh), parallel.sharded(mesh)
-  return jax.jit(step, in_shardings=(repl, shard, repl), out_shardings=(repl, repl),
-                 donate_argnums=0)
+  return trainer.jit_train_step(step, mesh)
 
 
 def make_eval_step(model: slice_vae.SliceVAE, kl_weight: float, mesh) -> Callable:

@@ -1,4 +1,4 @@
-"""Trained model in a notebook: load a workdir, encode stacks, decode latents, sample volumes.
+"""Trained slice VAE in a notebook: workdir -> encode stacks, decode latents, sample volumes.
 
     from slicevae_jax import load_for_inference, sample_volumes
     bundle = load_for_inference("runs/demo")
@@ -11,7 +11,6 @@ i, not on how many volumes are drawn or how they are batched.
 """
 
 import dataclasses
-import functools
 import os
 from typing import Any
 
@@ -21,82 +20,24 @@ import ml_collections
 import numpy as np
 
 from slicevae_jax import checkpoint as ckpt_lib
-from slicevae_jax import config_lib
-from slicevae_jax import fileio
-from slicevae_jax import latent_gaussian as lg
 from slicevae_jax import parallel
-from slicevae_jax.data.cache import to_volume
+from slicevae_jax import workdir as workdir_lib
+from slicevae_jax.data.cache import to_stack, to_volume
 from slicevae_jax.errors import DataError
 from slicevae_jax.models import slice_vae
-
-CONFIG_FILE = "config.json"
-LATENT_FILE = "latent_gaussian.npz"
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  fileio.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a workdir was trained with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: missing; is {workdir} a slicevae_jax workdir?")
-  config = config_lib.base_config()
-  _merge(config, fileio.read_json(path))
-  return config_lib.validate(config)
-
-
-def _merge(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
-  for k, v in values.items():
-    if isinstance(v, dict) and k in config and isinstance(config[k], ml_collections.ConfigDict):
-      _merge(config[k], v)
-    elif k in config and isinstance(config[k], tuple):
-      config[k] = tuple(v)
-    else:
-      config[k] = v
+from slicevae_jax.slicevae import latent as lg
+from slicevae_jax.slicevae import train
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None,
                       step: int | None = None) -> tuple[dict[str, Any], int]:
   """(variables {'params', 'batch_stats'}, step) from the workdir's checkpoints."""
-  from slicevae_jax import train  # pylint: disable=import-outside-toplevel
   mesh = mesh or parallel.make_mesh()
   model = slice_vae.from_config(config)
   state, step = ckpt_lib.restore_trained(
-      os.path.join(workdir, train.CHECKPOINT_DIR),
+      workdir_lib.checkpoint_dir(workdir),
       train.abstract_state(model, train.make_optimizer(config), mesh), step)
   return state.variables, step
-
-
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
-  if len(x) == n:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
-
-
-def map_volumes(fn, inputs: np.ndarray, batch: int, mesh) -> np.ndarray:
-  """Applies a jitted per-chunk `fn` to [N, ...] in chunks sharded over devices.
-
-  Chunks are padded to a multiple of the device count; results are trimmed.
-  """
-  n_dev = mesh.devices.size
-  batch = max(n_dev, -(-batch // n_dev) * n_dev)
-  outs = []
-  for start in range(0, len(inputs), batch):
-    chunk = inputs[start:start + batch]
-    size = -(-len(chunk) // n_dev) * n_dev
-    padded = _pad_to(chunk, size)
-    local = parallel.process_rows(mesh, size)
-    out = fn(parallel.global_batch(padded[local], mesh, size))
-    outs.append(np.asarray(jax.device_get(_gather_fn(mesh)(out)))[:len(chunk)])
-  return np.concatenate(outs)
-
-
-@functools.lru_cache(maxsize=8)
-def _gather_fn(mesh):
-  """Replicates a sharded result on every device, so every process can read it whole."""
-  return jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
 
 
 @dataclasses.dataclass
@@ -127,11 +68,11 @@ class InferenceBundle:
 def load_for_inference(workdir: str, step: int | None = None, mesh=None,
                        require_latent: bool = True) -> InferenceBundle:
   """Loads a trained workdir: config, checkpoint (newest unless `step`) and latent model."""
-  config = load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   mesh = mesh or parallel.make_mesh()
   variables, step = restore_variables(config, workdir, mesh, step)
   gaussian, meta = None, {}
-  latent_path = os.path.join(workdir, LATENT_FILE)
+  latent_path = workdir_lib.latent_file(workdir)
   if os.path.exists(latent_path):
     gaussian, meta = lg.load(latent_path)
   elif require_latent:
@@ -141,37 +82,35 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None,
                          mesh=mesh)
 
 
-def _encode_fn(model, variables):
-  @jax.jit
-  def run(stacks):  # [n, S, H, W] -> [n, S, L]
-    def one(stack):
-      mu, _ = slice_vae.apply_inference(model, variables, stack[..., None], "encode")
-      return mu.reshape(mu.shape[0], -1)
-    return jax.vmap(one)(stacks)
-  return run
-
-
-def _decode_fn(model, variables, latent_shape):
-  @jax.jit
-  def run(latents):  # [n, S, L] -> [n, S, H, W]
-    def one(y):
-      x = slice_vae.apply_inference(model, variables, y.reshape((-1,) + latent_shape), "decode")
-      return jnp.clip(x[..., 0], 0.0, 1.0)
-    return jax.vmap(one)(latents)
-  return run
-
-
 def encode_stacks(bundle: InferenceBundle, stacks: np.ndarray, batch: int = 8) -> np.ndarray:
   """Posterior means of every slice: [N, S, H, W] -> [N, S, L] (vmapped over volumes)."""
-  fn = _encode_fn(bundle.model, bundle.variables)
-  return map_volumes(fn, np.asarray(stacks, np.float32), batch, bundle.mesh)
+  model = bundle.model
+
+  def encode(variables, stack):  # [S, H, W] -> [S, L]
+    mu, _ = slice_vae.apply_inference(model, variables, stack[..., None], "encode")
+    return mu.reshape(mu.shape[0], -1)
+  return parallel.map_stacks(encode, bundle.variables, np.asarray(stacks, np.float32), batch,
+                             bundle.mesh)
 
 
 def decode_latents(bundle: InferenceBundle, latents: np.ndarray, batch: int = 4) -> np.ndarray:
   """Decodes stacks of latents [N, S, L] into volumes [N, X, Y, Z] in [0, 1]."""
-  fn = _decode_fn(bundle.model, bundle.variables, bundle.latent_shape)
-  stacks = map_volumes(fn, np.asarray(latents, np.float32), batch, bundle.mesh)
+  model, shape = bundle.model, bundle.latent_shape
+
+  def decode(variables, y):  # [S, L] -> [S, H, W]
+    x = slice_vae.apply_inference(model, variables, y.reshape((-1,) + shape), "decode")
+    return jnp.clip(x[..., 0], 0.0, 1.0)
+  stacks = parallel.map_stacks(decode, bundle.variables, np.asarray(latents, np.float32), batch,
+                               bundle.mesh)
   return to_volume(stacks, bundle.slice_axis)
+
+
+def reconstruct_volumes(bundle: InferenceBundle, volumes: np.ndarray) -> np.ndarray:
+  """Volumes [N, X, Y, Z] encoded to their posterior means and decoded: the decoder's best."""
+  c = bundle.config
+  latents = encode_stacks(bundle, to_stack(np.asarray(volumes, np.float32), bundle.slice_axis),
+                          int(c.latent.encode_batch))
+  return decode_latents(bundle, latents, int(c.sample.batch_volumes))
 
 
 def sample_latents(bundle: InferenceBundle, key: jax.Array, num: int,

@@ -1,12 +1,16 @@
-"""The 3D baselines of paper §3.1 (Kwon et al. 2019; DESIGN §3): losses and training iterations.
+"""3D baseline iterations (one cohesive module): volumes -> one step of a model's update schedule.
+
+Kept whole although long: the five schedules (paper §3.1; Kwon et al. 2019) share one
+state, one way of running networks with BatchNorm threaded and one update, and read side
+by side against the reference notebooks.
 
 Where it sits: whole volumes [B, g, g, g, 1] in [-1, 1] from the cache ->
 `Baseline.step(state, x, key)` (pure; the caller jits it with shardings and
 donation) -> (new `GANState`, metrics) -> `trainer.run`. The networks are in
 `models/gan3d.py` (WGAN-GP, VAE-GAN, α-GAN, α-WGAN) and `models/vae3d.py`
-(3D VAE); `build(config)` assembles one model with one Adam optimiser per
-network, and `generate` / `reconstruct` give volumes for sampling, metrics and
-picture grids.
+(3D VAE), the loss terms in `losses.py`; `stages.build(config)` assembles one
+model with one Adam optimiser per network, and `generate` / `reconstruct` give
+volumes for sampling, metrics and picture grids.
 
 One call of `step` is one iteration of the reference's schedule (the public
 notebooks of Kwon et al., cyclomon/3dbraingen), each update seeing the
@@ -47,18 +51,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from slicevae_jax import losses
+from slicevae_jax import config_lib
 from slicevae_jax import trainer
-from slicevae_jax.errors import ConfigError
-from slicevae_jax.models import gan3d
-from slicevae_jax.models import vae3d
+from slicevae_jax.baselines import losses
+from slicevae_jax.slicevae import losses as vae_losses
 
 Array = jax.Array
 
-MODELS = ("wgan_gp", "vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
+MODELS = tuple(m for m in config_lib.MODEL_TYPES if m != "slice_vae")
 WITH_ENCODER = ("vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
 
 # Updates per iteration in the reference notebooks, (critic, generator):
@@ -76,9 +78,6 @@ LOG_KEYS = {
     "vae3d": ("loss", "recon", "kl"),
 }
 
-_GP_EPS = 1e-12  # inside the square root: a finite derivative where a gradient is exactly 0
-
-
 @flax.struct.dataclass
 class GANState:
   """Every network of one baseline and its optimiser, as one pytree.
@@ -95,123 +94,6 @@ class GANState:
   def variables(self, name: str) -> dict[str, Any]:
     """Flax variables of one network."""
     return _variables(self.params[name], self.batch_stats[name])
-
-
-# --------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------
-
-def bce(logits: Array, target: float) -> Array:
-  """mean_b BCE(σ(logits_b), target) = mean_b −[t log σ(l) + (1−t) log(1−σ(l))]; logits [B, 1]."""
-  logits = logits.astype(jnp.float32)
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
-
-
-def l1(x_hat: Array, x: Array) -> Array:
-  """Mean absolute error over batch and voxels, mean |x̂ − x| (torch L1Loss)."""
-  return jnp.mean(jnp.abs(x_hat.astype(jnp.float32) - x.astype(jnp.float32)))
-
-
-def mse(x_hat: Array, x: Array) -> Array:
-  """Mean squared error over batch and voxels, mean (x̂ − x)² (the VAE-GAN's rec_loss)."""
-  return jnp.mean(jnp.square(x_hat.astype(jnp.float32) - x.astype(jnp.float32)))
-
-
-def mean_kl(mu: Array, logvar: Array) -> Array:
-  """KL(N(μ, σ²) ‖ N(0, I)) averaged over batch *and* latent entries; mu, logvar [B, L].
-
-  = Σ_{b,l} −½(1 + log σ² − μ² − σ²) / (B·L), the VAE-GAN encoder's prior term.
-  """
-  kl = losses.gaussian_kl(mu.astype(jnp.float32), logvar.astype(jnp.float32))
-  return jnp.mean(kl) / (mu.size // mu.shape[0])
-
-
-def interpolate(real: Array, fake: Array, key: Array) -> Array:
-  """x̃ = ε·real + (1−ε)·fake with one ε ~ U(0, 1) per sample (broadcast over the rest)."""
-  shape = (real.shape[0],) + (1,) * (real.ndim - 1)
-  eps = jax.random.uniform(key, shape, jnp.float32)
-  return eps * real.astype(jnp.float32) + (1.0 - eps) * fake.astype(jnp.float32)
-
-
-def gradient_penalty(critic_fn: Callable[[Array], Array], real: Array, fake: Array,
-                     key: Array, per_voxel: bool = False) -> Array:
-  """WGAN-GP penalty (Gulrajani et al. 2017), unweighted.
-
-  x̃ = ε x + (1−ε) x_fake, ε ~ U(0,1) per sample (`interpolate`); g = ∇_x̃ Σ_b D(x̃)_b
-  (the per-sample gradients, coupled only through BatchNorm, as in the reference).
-
-  per_voxel=False:  GP = mean_b (‖g_b‖₂ − 1)², the norm over all entries of sample b.
-  per_voxel=True:   GP = mean_{b,v} (‖g_{b,v,:}‖₂ − 1)², the norm over the channel
-                    (last) axis only, i.e. |g| per voxel for one channel — the
-                    reference WGAN-GP's `gradients.norm(2, dim=1)` on [B, C, X, Y, Z].
-  For codes [B, L] the two coincide (the channel axis is the whole sample).
-
-  Args:
-    critic_fn: batch -> [B, 1] raw critic values.
-    real, fake: [B, ...] of the same shape; both are treated as constants.
-    key: for ε.
-  Returns:
-    scalar float32.
-  """
-  x = jax.lax.stop_gradient(interpolate(real, fake, key))
-  g = jax.grad(lambda v: jnp.sum(critic_fn(v).astype(jnp.float32)))(x)
-  if per_voxel:
-    norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=-1) + _GP_EPS)
-  else:
-    norm = jnp.sqrt(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) + _GP_EPS)
-  return jnp.mean(jnp.square(norm - 1.0))
-
-
-def code_gradient_penalty(critic_fn: Callable[[Array], Array], z_hat: Array, z: Array,
-                          key: Array) -> Array:
-  """α-WGAN code-space penalty GP(ẑ, z) = mean_b (‖∇_z̃ CD(z̃)_b‖₂ − 1)², z̃ = ε ẑ + (1−ε) z.
-
-  z_hat, z: [B, L] encoder codes and prior samples; critic_fn: [B, L] -> [B, 1].
-  """
-  return gradient_penalty(critic_fn, z_hat, z, key, per_voxel=False)
-
-
-# --------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------
-
-def resolved_norm(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(3D networks' norm, code discriminator's norm) for `config.baseline.norm`.
-
-  'auto': instance norm in the 3D networks and no norm in the code
-  discriminator for alpha_gan at grid >= 256, BatchNorm everywhere otherwise.
-  'instance' (or 'none') also drops the code discriminator's BatchNorm1D, so
-  that no network mixes samples; 'batch' keeps BatchNorm everywhere.
-  """
-  norm = config.baseline.norm
-  if norm == "auto":
-    if config.model_type == "alpha_gan" and int(config.data.grid) >= 256:
-      return "instance", "none"
-    return "batch", "batch"
-  if norm == "batch":
-    return "batch", "batch"
-  if norm in ("instance", "none"):
-    return norm, "none"
-  raise ConfigError(f"baseline.norm must be 'auto', 'batch', 'instance' or 'none', got {norm!r}")
-
-
-def updates_per_iteration(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(critic updates, generator-side updates) per iteration; 0 = the reference's per model.
-
-  `baseline.n_critic` counts discriminator (and code discriminator) updates,
-  `baseline.n_gen` generator-side updates (G for WGAN-GP, E+G for α-(W)GAN,
-  the decoder for VAE-GAN). Reference: WGAN-GP 1 and 5, the rest 1 and 1.
-  """
-  b = config.baseline
-  d_crit, d_gen = DEFAULT_UPDATES[config.model_type]
-  n_critic = int(b.get("n_critic", 0)) or d_crit
-  n_gen = int(b.get("n_gen", 0)) or d_gen
-  return n_critic, n_gen
-
-
-def vae3d_latent_dim(config: ml_collections.ConfigDict) -> int:
-  """The 3D VAE's latent size: `baseline.vae3d_latent`, or 512·grid/64 when 0 (paper §3.1)."""
-  return vae3d.latent_size(int(config.data.grid), int(config.baseline.vae3d_latent))
 
 
 # --------------------------------------------------------------------------
@@ -461,7 +343,7 @@ class Baseline:
       def loss_fn(run):
         d_real = _mean(run("D", x))
         d_fake = _mean(run("D", fake))
-        gp = gradient_penalty(run.frozen("D"), x, fake, kgp, self.gp_per_voxel)
+        gp = losses.gradient_penalty(run.frozen("D"), x, fake, kgp, self.gp_per_voxel)
         d_loss = d_fake - d_real + self.gp_weight * gp
         return d_loss, {"d_loss": d_loss, "gp": gp, "wasserstein": d_real - d_fake}
       return self._update(c, ("D",), loss_fn)
@@ -504,7 +386,8 @@ class Baseline:
     c, (code, x_rec, x_rand) = self._forward(c, fakes)
 
     def gan_terms(run, x_rec, x_rand):
-      return bce(run("D", x), 1.0) + bce(run("D", x_rec), 0.0) + bce(run("D", x_rand), 0.0)
+      return (losses.bce(run("D", x), 1.0) + losses.bce(run("D", x_rec), 0.0)
+              + losses.bce(run("D", x_rand), 0.0))
 
     def disc(i, c):
       def loss_fn(run):
@@ -515,15 +398,15 @@ class Baseline:
     def decoder(i, c):
       def loss_fn(run):
         rec, rand = run("G", code), run("G", z)
-        recon = mse(rec, x)
+        recon = losses.mse(rec, x)
         dec = self.dec_recon_weight * recon - gan_terms(run, rec, rand)
         return dec, {"dec_loss": dec, "recon": recon}
       return self._update(c, ("G",), loss_fn)
 
     def encoder(run):
       mu, logvar, code_e = encode(run)
-      kl = mean_kl(mu, logvar)
-      recon = mse(run("G", code_e), x)
+      kl = losses.mean_kl(mu, logvar)
+      recon = losses.mse(run("G", code_e), x)
       enc = kl + self.recon_weight * recon
       return enc, {"enc_loss": enc, "kl": kl, "enc_recon": recon}
 
@@ -550,9 +433,9 @@ class Baseline:
       def loss_fn(run):
         z_hat = run("E", x)
         x_hat, x_rand = run("G", z_hat), run("G", z)
-        recon = l1(x_hat, x)
-        code = bce(run("CD", z_hat), 1.0)
-        adv = bce(run("D", x_hat), 1.0) + bce(run("D", x_rand), 1.0)
+        recon = losses.l1(x_hat, x)
+        code = losses.bce(run("CD", z_hat), 1.0)
+        adv = losses.bce(run("D", x_hat), 1.0) + losses.bce(run("D", x_rand), 1.0)
         total = self.recon_weight * recon + code + adv
         return total, {"loss": total, "recon": recon, "g_adv": adv, "e_code": code}
       return self._update(c, ("E", "G"), loss_fn)
@@ -562,8 +445,8 @@ class Baseline:
       c, (x_hat, x_rand) = self._forward(c, lambda run: (run("G", run("E", x)), run("G", z)))
 
       def loss_fn(run):
-        d_loss = (2.0 * bce(run("D", x), 1.0) + bce(run("D", x_hat), 0.0)
-                  + bce(run("D", x_rand), 0.0))
+        d_loss = (2.0 * losses.bce(run("D", x), 1.0) + losses.bce(run("D", x_hat), 0.0)
+                  + losses.bce(run("D", x_rand), 0.0))
         return d_loss, {"d_loss": d_loss}
       return self._update(c, ("D",), loss_fn)
 
@@ -572,7 +455,7 @@ class Baseline:
       c, z_hat = self._forward(c, lambda run: run("E", x))
 
       def loss_fn(run):
-        cd_loss = bce(run("CD", z_hat), 0.0) + bce(run("CD", z), 1.0)
+        cd_loss = losses.bce(run("CD", z_hat), 0.0) + losses.bce(run("CD", z), 1.0)
         return cd_loss, {"cd_loss": cd_loss}
       return self._update(c, ("CD",), loss_fn)
 
@@ -583,7 +466,7 @@ class Baseline:
   # α-WGAN: Alpha_WGAN_ADNI_train.ipynb, training cell (g_iter = d_iter = cd_iter = 1).
   #   E+G: 10·L1(x̂, x) − CD(ẑ) − D(x̂) − D(G(z)); e step, g step twice.
   #        (Commit 63cabed adds c_loss = −CD(ẑ) to loss1, commit 4223902 drops it;
-  #        DESIGN §3 keeps it.)
+  #        kept here: without it nothing pulls the codes ẑ towards the prior.)
   #   D:   −2·D(x) + D(x̂) + D(G(z')) + 10·GP(x, G(z')) + 10·GP(x, x̂), with E and
   #        G updated and a *new* real batch in the reference (the same batch here);
   #   CD:  −CD(z'') + CD(ẑ) + 10·GP(ẑ, z''), ẑ from the critic update. The
@@ -600,7 +483,7 @@ class Baseline:
       def loss_fn(run):
         z_hat = run("E", x)
         x_hat, x_rand = run("G", z_hat), run("G", z)
-        recon = l1(x_hat, x)
+        recon = losses.l1(x_hat, x)
         code = -_mean(run("CD", z_hat))
         adv = -_mean(run("D", x_hat)) - _mean(run("D", x_rand))
         total = self.recon_weight * recon + code + adv
@@ -615,7 +498,8 @@ class Baseline:
       def loss_fn(run):
         w = -2.0 * _mean(run("D", x)) + _mean(run("D", x_hat)) + _mean(run("D", x_rand))
         d = run.frozen("D")
-        gp = gradient_penalty(d, x, x_rand, k_r) + gradient_penalty(d, x, x_hat, k_h)
+        gp = (losses.gradient_penalty(d, x, x_rand, k_r)
+              + losses.gradient_penalty(d, x, x_hat, k_h))
         d_loss = w + self.gp_weight * gp
         return d_loss, {"d_loss": d_loss, "gp": gp}
       return self._update(c, ("D",), loss_fn)
@@ -631,7 +515,7 @@ class Baseline:
         cd_zhat = _mean(run("CD", z_hat))
         if not self.code_critic_grad_from_zhat:
           cd_zhat = jax.lax.stop_gradient(cd_zhat)  # the reference: a constant for CD
-        gp = code_gradient_penalty(run.frozen("CD"), z_hat, z, kgp)
+        gp = losses.code_gradient_penalty(run.frozen("CD"), z_hat, z, kgp)
         cd_loss = -cd_z + cd_zhat + self.gp_weight * gp
         return cd_loss, {"cd_loss": cd_loss, "cd_gp": gp}
       return self._update(c, ("CD",), loss_fn)
@@ -641,54 +525,10 @@ class Baseline:
     return _repeat(self.n_critic, code_critic, c)
 
   # 3D VAE (paper §3.1; no public reference): the slice VAE's objective on whole
-  # volumes, mean_b [Σ_voxels (x̂ − x)² + β Σ_latent KL] (`losses.vae_loss`).
+  # volumes, mean_b [Σ_voxels (x̂ − x)² + β Σ_latent KL] (`slicevae.losses.vae_loss`).
   def _vae3d(self, c: _Carry, x: Array, key: jax.Array) -> _Carry:
     def loss_fn(run):
       x_hat, mu, logvar = run("VAE", x, key)
-      return losses.vae_loss(x_hat.astype(jnp.float32), x, mu.astype(jnp.float32),
+      return vae_losses.vae_loss(x_hat.astype(jnp.float32), x, mu.astype(jnp.float32),
                              logvar.astype(jnp.float32), self.kl_weight)
     return self._update(c, ("VAE",), loss_fn)
-
-
-def build(config: ml_collections.ConfigDict) -> Baseline:
-  """The baseline `config.model_type` at `config.data.grid` with `config.baseline` settings.
-
-  Reads config.train.learning_rate (2e-4 for the GANs, 1e-4 for VAE-GAN in the
-  reference) and Adam's betas from config.baseline.adam_b1/adam_b2.
-  """
-  name = config.model_type
-  if name not in MODELS:
-    raise ConfigError(f"model_type {name!r} is not a 3D baseline; one of {MODELS}")
-  b, grid = config.baseline, int(config.data.grid)
-  dtype = jnp.bfloat16 if b.dtype == "bfloat16" else jnp.float32
-  norm3d, code_norm = resolved_norm(config)
-  widths = dict(max_channels=int(b.max_channels), min_channels=int(b.min_channels),
-                norm=norm3d, dtype=dtype)
-  lat = int(b.latent_dim)
-  if name == "wgan_gp":
-    nets = {"G": gan3d.Generator(grid, latent_dim=lat, input_layer="linear", **widths),
-            "D": gan3d.Discriminator(grid, head="map", **widths)}
-  elif name == "vae_gan":
-    nets = {"G": gan3d.Generator(grid, latent_dim=lat, input_layer="linear", **widths),
-            "D": gan3d.Discriminator(grid, head="scalar", **widths),
-            "E": gan3d.VAEGANEncoder(grid, latent_dim=lat, hidden=int(b.encoder_hidden),
-                                     **widths)}
-  elif name in ("alpha_gan", "alpha_wgan"):
-    nets = {"G": gan3d.Generator(grid, latent_dim=lat, input_layer="deconv", **widths),
-            "D": gan3d.Discriminator(grid, head="scalar", **widths),
-            "E": gan3d.Discriminator(grid, head="scalar", out_features=lat, **widths),
-            "CD": gan3d.CodeDiscriminator(hidden=int(b.code_hidden), norm=code_norm,
-                                          dtype=dtype)}
-  else:
-    lat = vae3d_latent_dim(config)
-    nets = {"VAE": vae3d.VAE3D(grid, latent_dim=lat, channels=int(b.vae3d_channels),
-                               remat=bool(b.vae3d_remat), dtype=dtype)}
-  tx = optax.adam(float(config.train.learning_rate), b1=float(b.adam_b1), b2=float(b.adam_b2))
-  n_critic, n_gen = updates_per_iteration(config)
-  return Baseline(
-      name=name, nets=nets, latent_dim=lat, txs={n: tx for n in nets}, grid=grid,
-      n_critic=n_critic, n_gen=n_gen, gp_weight=float(b.gp_weight),
-      recon_weight=float(b.recon_weight), dec_recon_weight=float(b.vaegan_dec_recon),
-      kl_weight=float(b.vae3d_kl_weight), gp_per_voxel=bool(b.gp_per_voxel),
-      code_critic_grad_from_zhat=bool(b.code_critic_grad_from_zhat),
-      double_g_step=bool(b.get("double_g_step", False)))

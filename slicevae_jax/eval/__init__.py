@@ -1,0 +1,1 @@
+"""Evaluation, the last stage: RAS segmenter, scoring of generated volumes, the report."""
