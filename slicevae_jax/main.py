@@ -4,12 +4,13 @@ r"""Command line, the only reader of flags: python -m slicevae_jax.main (or `sli
 
 Modes: the stages (preprocess, train, fit_latent, sample, evaluate; 'all', the default,
 runs every stage not done yet), 'compare' (every model of the config's compare.models on
-one data set with one budget, one report; configs/compare.py) and 'evaluate_folders'
+one data set with one budget, one report; configs/compare.py), 'evaluate_folders'
 (another model's NIfTI volumes against real volumes and their labels, with the RAS
-segmenter of the workdir):
+segmenter of the workdir) and 'export' (a trained workdir -> a model bundle, bundle.py):
 
   slicevae --mode=evaluate_folders --config=configs/hcp64.py --workdir=runs/hcp64 \
       --generated=DIR --real=DIR --labels=DIR --out=DIR [--name=alpha-wgan]
+  slicevae --mode=export --config=configs/hcp64.py --workdir=runs/hcp64 --out=DIR
 
 Thin by design: parses flags, starts multi-host JAX when the config asks, and hands over
 to `pipeline` or `eval.evaluate`; every mode is callable from Python too. An expected
@@ -24,6 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from slicevae_jax import bundle as bundle_lib
 from slicevae_jax import config_lib
 from slicevae_jax import logs
 from slicevae_jax import parallel
@@ -31,7 +33,7 @@ from slicevae_jax import pipeline
 from slicevae_jax.errors import ConfigError, SliceVAEError
 from slicevae_jax.eval import evaluate as evaluate_lib
 
-COMMANDS = ("compare", "evaluate_folders")
+COMMANDS = ("compare", "evaluate_folders", "export")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -43,14 +45,15 @@ flags.DEFINE_alias("segmenter_workdir", "workdir")   # evaluate_folders' first s
 flags.DEFINE_enum("mode", "all", list(pipeline.MODES) + list(COMMANDS),
                   "Stage to run (preprocess, train, fit_latent, sample, evaluate); 'all' runs "
                   "every stage not done yet; 'compare' trains and scores every model of "
-                  "compare.models; 'evaluate_folders' scores --generated against --real.")
+                  "compare.models; 'evaluate_folders' scores --generated against --real; "
+                  "'export' writes the trained workdir's model bundle to --out.")
 flags.DEFINE_string("generated", None, "evaluate_folders: folder of generated .nii/.nii.gz "
                     "volumes.")
 flags.DEFINE_string("real", None, "evaluate_folders: folder of real volumes on the same grid.")
 flags.DEFINE_string("labels", None, "evaluate_folders: folder of the real volumes' label maps "
                     "(same file names).")
 flags.DEFINE_string("out", None, "evaluate_folders: output folder for metrics.json, report.md "
-                    "and PNGs.")
+                    "and PNGs; export: the new bundle folder.")
 flags.DEFINE_string("name", None, "evaluate_folders: model name in the report (default: the "
                     "generated folder's name).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -132,8 +135,12 @@ def main(argv):
     parallel.initialize_distributed(config.dist)
     logging.info("JAX %s, %d devices: %s", jax.__version__, jax.device_count(),
                  jax.devices()[0].device_kind)
+    if mode == "export" and not FLAGS.out:
+      raise ConfigError("--mode=export needs --out (the new bundle folder)")
     if mode == "compare":
       pipeline.compare(config, FLAGS.workdir)
+    elif mode == "export":
+      logging.info("exported %s", bundle_lib.export(FLAGS.workdir, FLAGS.out))
     elif mode == "evaluate_folders":
       evaluate_lib.evaluate_folders(config, FLAGS.generated, FLAGS.real, FLAGS.labels,
                                     FLAGS.workdir, FLAGS.out, name=FLAGS.name)

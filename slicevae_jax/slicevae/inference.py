@@ -67,7 +67,8 @@ class InferenceBundle:
 
 def load_for_inference(workdir: str, step: int | None = None, mesh=None,
                        require_latent: bool = True) -> InferenceBundle:
-  """Loads a trained workdir: config, checkpoint (newest unless `step`) and latent model."""
+  """Loads a trained workdir or a model bundle (bundle.py): config, checkpoint (newest unless
+  `step`) and latent model."""
   config = workdir_lib.load_config(workdir)
   mesh = mesh or parallel.make_mesh()
   variables, step = restore_variables(config, workdir, mesh, step)
