@@ -52,14 +52,14 @@ def get_config(arg=None):
   # 16 held-out volumes: two Kwon MMD batches (a spread), 8 + 8 for the RAS upper bound.
   config.data.num_val = 16
   config.train.batch_size = 32
-  config.train.num_steps = 1000
+  config.train.num_steps = 800
   config.train.learning_rate = 2e-3
   config.train.lr_schedule = "cosine"
   config.train.warmup_steps = 50
   config.train.kl_weight = KL_WEIGHT
   config.train.log_every = 50
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 250
+  config.train.eval_every = 400
+  config.train.checkpoint_every = 200
   config.train.num_val_slices = 256
   config.latent.model = "joint"
   config.latent.num_volumes = 64
@@ -68,14 +68,18 @@ def get_config(arg=None):
   config.eval.num_real = 16
   config.eval.msssim_pairs = 28          # every distinct pair of 8 samples, on average once
   # RAS segmenter for the evaluate stage: CPU-sized (the paper's runs use 20 k steps).
-  config.segmenter.num_steps = 1000
-  config.segmenter.eval_every = 500
-  config.segmenter.checkpoint_every = 500
+  config.segmenter.num_steps = 800
+  config.segmenter.eval_every = 400
+  config.segmenter.checkpoint_every = 400
   if args.long:
     config.name = "demo_long"
     config.train.num_steps = 4000
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500
+    # The amygdala (≈120 voxels a subject at 64³) first appears between 1000 and 1500 steps.
+    config.segmenter.num_steps = 2000
+    config.segmenter.eval_every = 500
+    config.segmenter.checkpoint_every = 500
   if args.smoke:
     config = common.smoke(config)
   return config
