@@ -6,12 +6,14 @@ and per row of the evaluation (the configured latent model's samples, each other
 fitted on the same checkpoint, the held-out reconstructions) the sample MS-SSIM, the RAS, the
 Kwon and Gaussian MMD and, for the reconstructions, their MSE and PSNR; the real row (real-pair
 MS-SSIM and the real-vs-real RAS) is printed beside. One cache and one RAS segmenter serve every
-budget (the segmenter is trained in the first workdir and copied), so the rows differ only by
-the slice VAE's budget. Appends a table to bench/RESULTS.md.
+budget (the segmenter is trained in the first workdir and copied, or taken from --segmenter, a
+workdir whose segmenter/ is trained), so the rows differ only by the slice VAE's budget. Appends
+a table to bench/RESULTS.md, with the training time each budget logged (metrics.jsonl).
 
   python bench/bench_quality.py                                # configs/demo.py, 3 budgets
   python bench/bench_quality.py --steps 400 800 1600 3200 --workdir /tmp/quality
-  python bench/bench_quality.py --config configs/demo.py:long --steps 2000 4000
+  python bench/bench_quality.py --config configs/demo.py:long --steps 2000 4000 \
+      --segmenter runs/demo_long
 
 A budget's workdir is kept: running the command again resumes or reuses what is done. This is a
 benchmark (tens of minutes to hours on a CPU), not a test.
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
+from slicevae_jax import bundle  # noqa: E402
 from slicevae_jax import config_lib  # noqa: E402
 from slicevae_jax import fileio  # noqa: E402
 from slicevae_jax import pipeline  # noqa: E402
@@ -42,7 +45,7 @@ def load_config(spec: str):
 
 
 def run_budget(spec: str, steps: int, workdir: str, cache_dir: str, segmenter_from: str | None
-               ) -> tuple[dict, float]:
+               ) -> tuple[dict, float, float | None]:
   config = load_config(spec)
   config.train.num_steps = int(steps)
   config.train.progress = False
@@ -54,19 +57,20 @@ def run_budget(spec: str, steps: int, workdir: str, cache_dir: str, segmenter_fr
   t0 = time.perf_counter()
   pipeline.run(config, workdir, "all")
   metrics = os.path.join(workdir_lib.eval_dir(workdir), workdir_lib.METRICS_FILE)
-  return fileio.read_json(metrics), time.perf_counter() - t0
+  return (fileio.read_json(metrics), time.perf_counter() - t0,
+          bundle.training_minutes(workdir, config))
 
 
 def _f(v, fmt=".3f"):
   return "—" if v is None else format(v, fmt)
 
 
-def table(results: list[tuple[int, dict, float]]) -> str:
-  head = ("| steps | row | MS-SSIM ↓ (real pairs) | RAS ↑ (real vs real) | Kwon MMD ↓ "
-          "| Gaussian MMD ↓ | recon MSE | recon PSNR dB | wall s |\n"
-          "|---|---|---|---|---|---|---|---|---|\n")
+def table(results: list[tuple[int, dict, float, float | None]]) -> str:
+  head = ("| steps | row | MS-SSIM (real pairs) | RAS ↑ (real vs real) | Kwon MMD ↓ "
+          "| Gaussian MMD ↓ | recon MSE | recon PSNR dB | train min | wall s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
-  for steps, metrics, wall in results:
+  for steps, metrics, wall, train_min in results:
     real = metrics["real"]
     for row in metrics.get("rows", [metrics["model"]]):
       rec = row.get("reconstruction") or {}
@@ -76,7 +80,8 @@ def table(results: list[tuple[int, dict, float]]) -> str:
           f"| {_f(row.get('ras', {}).get('mean'))} ({_f(real.get('ras', {}).get('mean'))}) "
           f"| {_f(row.get('mmd_kwon', {}).get('mean'), '.1f')} "
           f"| {_f(row.get('mmd_gaussian', {}).get('value'), '.4f')} "
-          f"| {_f(rec.get('mse'), '.5f')} | {_f(rec.get('psnr'), '.2f')} | {wall:.0f} |")
+          f"| {_f(rec.get('mse'), '.5f')} | {_f(rec.get('psnr'), '.2f')} "
+          f"| {_f(train_min, '.1f')} | {wall:.0f} |")
   return head + "\n".join(lines) + "\n"
 
 
@@ -85,25 +90,31 @@ def main() -> None:
   parser.add_argument("--config", default="configs/demo.py")
   parser.add_argument("--steps", type=int, nargs="+", default=[400, 1000, 2000])
   parser.add_argument("--workdir", default="/tmp/slicevae_quality")
+  parser.add_argument("--segmenter", default=None,
+                      help="a workdir whose trained segmenter/ every budget uses")
   parser.add_argument("--no-write", action="store_true", help="print, do not append RESULTS.md")
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   cache_dir = os.path.join(args.workdir, "cache")
-  results, first = [], None
+  results, first = [], args.segmenter
   for steps in args.steps:
     wd = os.path.join(args.workdir, f"steps_{steps}")
-    metrics, wall = run_budget(args.config, steps, wd, cache_dir, first)
+    metrics, wall, train_min = run_budget(args.config, steps, wd, cache_dir, first)
     first = first or wd
-    results.append((steps, metrics, wall))
+    results.append((steps, metrics, wall, train_min))
     print(table(results[-1:]), flush=True)
   text = (f"\n## Quality versus training budget, {datetime.date.today()} — "
           f"{platform.machine()}, {os.cpu_count()} CPUs\n\n"
           f"Command: `python bench/bench_quality.py --config {args.config} --steps "
-          f"{' '.join(map(str, args.steps))}`\n\n"
+          f"{' '.join(map(str, args.steps))}"
+          f"{' --segmenter ' + args.segmenter if args.segmenter else ''}`\n\n"
           "Per budget, every row of the evaluation: the configured latent model's samples, the "
           "other latent models on the same checkpoint, the held-out reconstructions. In "
-          "brackets: the real row (real-pair MS-SSIM, real-vs-real RAS). Wall time: the whole "
-          "budget's pipeline (the first includes the shared segmenter).\n\n" + table(results))
+          "brackets: the real row (real-pair MS-SSIM, real-vs-real RAS); a sample set is as "
+          "diverse as the real one when its MS-SSIM is close to the real pairs'. Train min: "
+          "the slice VAE's training time from its logged throughput; wall s: this command's "
+          "time for the budget (only what was not done yet: a budget trained earlier is only "
+          "evaluated).\n\n" + table(results))
   print(text)
   if not args.no_write:
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a",
