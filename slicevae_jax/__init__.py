@@ -5,6 +5,7 @@ preprocessing workers never pull in JAX):
 
     from slicevae_jax import load_for_inference, sample_volumes
     from slicevae_jax import load_baseline   # a trained 3D baseline (baseline_stages)
+    from slicevae_jax import score_volumes, complete_volume, interpolate_volumes  # density
 """
 
 import importlib
@@ -18,6 +19,10 @@ _EXPORTS = {
     "encode_stacks": "slicevae_jax.inference",
     "decode_latents": "slicevae_jax.inference",
     "InferenceBundle": "slicevae_jax.inference",
+    "score_volumes": "slicevae_jax.density",
+    "complete_volume": "slicevae_jax.density",
+    "interpolate_volumes": "slicevae_jax.density",
+    "memorisation_audit": "slicevae_jax.density",
     "run": "slicevae_jax.pipeline",
     "load_baseline": "slicevae_jax.baseline_stages",
 }

@@ -12,7 +12,10 @@ import ml_collections
 
 from slicevae_jax.errors import ConfigError
 
-MODES = ("preprocess", "train", "fit_latent", "sample", "evaluate", "all")
+MODES = ("preprocess", "train", "fit_latent", "sample", "evaluate", "all",
+         "score", "complete", "interpolate")
+# Modes that read a trained workdir and write only their own output folder (density_stages).
+DENSITY_MODES = ("score", "complete", "interpolate")
 # What `train`/`sample` build: the slice VAE (this paper) or one of the 3D baselines (DESIGN §3).
 MODEL_TYPES = ("slice_vae", "wgan_gp", "vae_gan", "alpha_gan", "alpha_wgan", "vae3d")
 BASELINE_NORMS = ("auto", "batch", "instance", "none")
@@ -180,6 +183,8 @@ def base_config() -> ml_collections.ConfigDict:
   # best) and samples of each of these latent models fitted on the same checkpoint.
   ev.reconstructions = True
   ev.latent_models = ("per_dim", "joint", "rotated")
+  # Memorisation audit in the report: each sample's nearest training and held-out volume.
+  ev.memorisation_audit = True
 
   # --- compare: every model on one data set with one budget (slicevae_jax.compare) ---------
   c.compare = cp = ml_collections.ConfigDict()

@@ -42,6 +42,7 @@ from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import config_lib
+from slicevae_jax import density_stages
 from slicevae_jax import fileio
 from slicevae_jax import fit_latent as fit_latent_lib
 from slicevae_jax import inference
@@ -323,16 +324,23 @@ def write_results(config: ml_collections.ConfigDict,
                   scored: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]],
                   real_row: dict[str, Any], real: np.ndarray, real_labels: np.ndarray,
                   label_names: list[str], slice_axis: int, out_dir: str,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None,
+                  audit: dict[str, Any] | None = None) -> dict[str, Any]:
   """metrics.json, report.md, figures and the per-pair Dice of scored rows, first row first.
 
   scored: (row, arrays from `score_generated`, the row's volumes) per row.
+  audit: `density_stages.audit_workdir` of the first row's volumes, with 'sample_names'.
   """
   e = config.eval
   rows = [r for r, _, _ in scored]
   settings = {"eval": _plain(e), "seed": int(e.seed), "slice_axis": int(slice_axis)}
   result = {"model": rows[0], "rows": rows, "real": _public(real_row),
             "label_names": list(label_names), "settings": settings, "source": dict(extra or {})}
+  sections = None
+  if audit is not None:
+    names = audit.pop("sample_names")
+    sections = density_stages.audit_markdown(audit, names)
+    result["memorisation"] = dict(density_stages.audit_summary(audit), samples=names)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     for row, arrays, volumes in scored:
@@ -344,7 +352,7 @@ def write_results(config: ml_collections.ConfigDict,
       fileio.save_npz(os.path.join(out_dir, f"ras_dice_{_slug(row['name'])}.npz"), **saved)
     fileio.write_json(os.path.join(out_dir, METRICS_FILE), result)
     write_report(rows, result["real"], out_dir, label_names=list(label_names),
-                 notes=_notes(settings))
+                 notes=_notes(settings), sections=sections)
   for row in rows:
     logging.info("%s: MMD %s ± %s, MS-SSIM %s, RAS %s (real-vs-real %s), segmenter FD %s",
                  row["name"], _fmt(row["mmd_kwon"]["mean"]), _fmt(row["mmd_kwon"]["std"]),
@@ -574,7 +582,7 @@ def _link(row: dict[str, Any], filename: str, out_dir: str) -> str:
 
 def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None, out_dir: str,
                  *, label_names: list[str] | None = None, title: str = "Evaluation",
-                 notes: list[str] | None = None) -> str:
+                 notes: list[str] | None = None, sections: list[str] | None = None) -> str:
   """Writes out_dir/report.md and out_dir/ras_per_label.png for one or several models.
 
   Args:
@@ -586,6 +594,7 @@ def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None,
     out_dir: output folder of report.md and the RAS chart.
     label_names: K names, background first (default: from the rows' RAS entries).
     title, notes: heading and bullet points under the table.
+    sections: markdown lines appended at the end (e.g. the memorisation audit).
   Returns:
     The report's path.
   """
@@ -634,6 +643,7 @@ def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None,
     if figs.get("montage"):
       md += [f"## Samples: {r['name']}", "", "Sagittal, coronal and axial mid-slices.", "",
              f"![samples of {r['name']}]({figs['montage']})", ""]
+  md += sections or []
   path = os.path.join(out_dir, REPORT_FILE)
   fileio.write_text(path, "\n".join(md))
   return path
@@ -868,8 +878,15 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
     scored.append((row, arrays, vols))
   source = {"generated": [os.path.basename(p) for p in paths], "real_cache": cache.path,
             "segmenter_workdir": os.path.abspath(workdir), **_sources(workdir)}
+  out_dir = os.path.join(workdir, EVAL_DIR)
+  audit = None
+  if e.memorisation_audit and cache.split("train"):
+    os.makedirs(out_dir, exist_ok=True)
+    audit = density_stages.audit_workdir(cache, generated, real,
+                                         bundle if slice_vae else None, out_dir)
+    audit["sample_names"] = [os.path.basename(p) for p in paths]
   return write_results(config, scored, real_row, real, labels, names, cache.slice_axis,
-                       os.path.join(workdir, EVAL_DIR), source)
+                       out_dir, source, audit=audit)
 
 
 def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real_dir: str,

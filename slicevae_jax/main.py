@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from slicevae_jax import config_lib
+from slicevae_jax import density_stages
 from slicevae_jax import parallel
 from slicevae_jax import pipeline
 from slicevae_jax.errors import ConfigError, parse_flags, run_command
@@ -22,7 +23,21 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Folder for the cache, checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "all", list(config_lib.MODES),
                   "Stage to run (preprocess, train, fit_latent, sample, evaluate); 'all' runs "
-                  "every stage not done yet.")
+                  "every stage not done yet. Density tools on a trained workdir: score, "
+                  "complete, interpolate (README, Density tools).")
+flags.DEFINE_string("inputs", None, "score/complete/interpolate: NIfTI files or folders, "
+                    "comma-separated (interpolate: exactly two volumes).")
+flags.DEFINE_string("out", None, "score/complete/interpolate: output folder "
+                    "(default <workdir>/<mode>).")
+flags.DEFINE_string("latent_model", None, "score/complete/interpolate: per_dim, joint or "
+                    "rotated (default: score uses every model of the workdir, the others the "
+                    "config's latent.model).")
+flags.DEFINE_integer("keep_every", 0, "complete: slices 0, K, 2K, ... along the slice axis are "
+                     "acquired (a thick-slice scan), the others are completed.")
+flags.DEFINE_string("missing", None, "complete: missing slices along the slice axis, e.g. "
+                    "'20:30,41' (ranges end-exclusive).")
+flags.DEFINE_integer("num_samples", 8, "complete: conditional samples for the std map.")
+flags.DEFINE_integer("steps", 8, "interpolate: volumes along the path, endpoints included.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,7 +54,11 @@ def main(argv):
     parallel.initialize_distributed(config.dist)
     logging.info("JAX %s, %d devices: %s", jax.__version__, jax.device_count(),
                  jax.devices()[0].device_kind)
-    pipeline.run(config, FLAGS.workdir, FLAGS.mode)
+    options = density_stages.Options(
+        inputs=FLAGS.inputs or "", out=FLAGS.out or "", latent_model=FLAGS.latent_model or "",
+        keep_every=FLAGS.keep_every, missing=FLAGS.missing or "",
+        num_samples=FLAGS.num_samples, steps=FLAGS.steps)
+    pipeline.run(config, FLAGS.workdir, FLAGS.mode, density=options)
   run_command(argv, body)
 
 

@@ -22,6 +22,7 @@ from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import config_lib
+from slicevae_jax import density_stages
 from slicevae_jax import evaluate as evaluate_lib
 from slicevae_jax import fileio
 from slicevae_jax import fit_latent as fit_latent_lib
@@ -258,17 +259,27 @@ def workdir_lock(workdir: str, config: ml_collections.ConfigDict, mode: str):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
-        evaluate: bool = True) -> None:
+        evaluate: bool = True, density: density_stages.Options | None = None) -> None:
   """Runs one stage, or every stage that is not done yet (mode 'all').
 
   `evaluate=False` leaves the evaluate stage out of 'all' (the model comparison
   scores every model itself, with one shared segmenter). A workdir that cannot be
   written (read-only, full disk) or that another run is using stops the run with a
-  DataError naming the file.
+  DataError naming the file. The density modes (score, complete, interpolate) read a
+  trained workdir with the config it was trained with and write only their output
+  folder, `density` (inputs, output folder, ...); they take no lock.
   """
   if mode not in config_lib.MODES:
     raise ConfigError(f"unknown mode {mode!r}; choose one of {list(config_lib.MODES)}")
   config_lib.validate(config)
+  if mode in config_lib.DENSITY_MODES:
+    stored = inference.load_config(workdir)
+    path = cache_dir(stored, workdir)
+    if not VolumeCache.exists(path):
+      raise DataError(f"{path}: no cache; --mode={mode} scores against the workdir's "
+                      f"held-out volumes and needs a trained workdir")
+    density_stages.run(workdir, mode, density or density_stages.Options(), VolumeCache(path))
+    return
   if mode == "fit_latent" and config.model_type != "slice_vae":
     raise ConfigError(f"--mode=fit_latent fits the slice VAE's latent Gaussian; model_type="
                       f"{config.model_type!r} samples its prior directly and has no such stage")
@@ -296,6 +307,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, mode: str,
                     f"yet (data.num_shards={config.data.num_shards}); rerun when they are")
   logging.info("cache %s: %d subjects (%d train, %d val), stacks %s", cache.path, len(cache),
                len(cache.split("train")), len(cache.split("val")), cache.stack_shape)
+  if jax.process_index() == 0:
+    density_stages.write_recipe(config, workdir, cache)   # what new scans are brought to
   if mode == "preprocess":
     return
   slice_vae = config.model_type == "slice_vae"
