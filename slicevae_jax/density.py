@@ -345,34 +345,32 @@ def interpolate_volumes(bundle: inference.InferenceBundle, a: np.ndarray, b: np.
 # ----------------------------------------------------------------------------- audit
 
 
-def _nearest(queries: np.ndarray, pool: Sequence[np.ndarray], exclude_self: bool = False,
-             chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def _nearest(queries: np.ndarray, pool: Sequence[np.ndarray], chunk: int = 8
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Nearest pool item per query by root-mean-square difference: (index [Q], rms [Q]).
 
   `pool` is any sequence (a list, an array, a memory map); it is read `chunk` items at a
-  time, so a large training set never sits in memory at once. With `exclude_self`, the
-  queries are the pool itself and each query's own entry is skipped.
+  time, so a large training set never sits in memory at once. Candidates are ranked with
+  |q|² − 2 q·p + |p|² (one matrix product per chunk); the winner's distance is then
+  recomputed from the difference itself, so a near-copy shows a distance near 0, not the
+  rounding error of that expansion.
   """
   q = np.asarray(queries, np.float32).reshape(len(queries), -1)
+  q_norm = np.sum(np.square(q, dtype=np.float64), axis=1)
   best = np.full(len(q), np.inf)
   arg = np.full(len(q), -1, np.int64)
+  item = lambda i: np.asarray(pool[i], np.float32).reshape(-1)
   for start in range(0, len(pool), chunk):
-    block = np.stack([np.asarray(pool[i], np.float32).reshape(-1)
-                      for i in range(start, min(start + chunk, len(pool)))])
-    # |q − p|² = |q|² − 2 q·p + |p|², in float64 so near-copies are not lost to rounding.
-    d2 = (np.sum(np.square(q, dtype=np.float64), 1)[:, None] - 2.0 * (q @ block.T)
-          + np.sum(np.square(block, dtype=np.float64), 1)[None, :])
-    d2 = np.maximum(d2, 0.0) / q.shape[1]
-    if exclude_self:
-      rows = np.arange(len(q))
-      cols = rows - start
-      ok = (cols >= 0) & (cols < len(block))
-      d2[rows[ok], cols[ok]] = np.inf
+    block = np.stack([item(i) for i in range(start, min(start + chunk, len(pool)))])
+    d2 = (q_norm[:, None] - 2.0 * (q @ block.T).astype(np.float64)
+          + np.sum(np.square(block, dtype=np.float64), axis=1)[None, :])
     j = np.argmin(d2, axis=1)
     dj = d2[np.arange(len(q)), j]
     better = dj < best
     best[better], arg[better] = dj[better], start + j[better]
-  return arg, np.sqrt(best)
+  rms = np.array([np.sqrt(np.mean(np.square(q[i] - item(a), dtype=np.float64)))
+                  for i, a in enumerate(arg)])
+  return arg, rms
 
 
 def closer_fraction(d_query: np.ndarray, d_heldout: np.ndarray,

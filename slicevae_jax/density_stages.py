@@ -374,9 +374,6 @@ def run_complete(workdir: str, bundle: inference.InferenceBundle, inputs: list[I
 def run_interpolate(workdir: str, bundle: inference.InferenceBundle, inputs: list[Input],
                     opts: Options, out: str) -> dict[str, Any]:
   """Decodes a straight factor-space path between two inputs; NIfTI per step, PNG, JSON."""
-  if len(inputs) != 2:
-    raise DataError(f"--mode=interpolate takes exactly 2 volumes, --inputs gave {len(inputs)}: "
-                    f"{[x.path for x in inputs]}")
   kind, g = _one_model(workdir, bundle, opts.latent_model)
   a, b = inputs
   path = density.interpolate_volumes(bundle, a.volume, b.volume, int(opts.steps), g)
@@ -412,12 +409,18 @@ def run(workdir: str, mode: str, opts: Options, cache: VolumeCache, mesh=None) -
   """Runs density mode `mode` on a trained workdir (its stored config) and writes its outputs."""
   if mode not in MODES:
     raise ConfigError(f"unknown density mode {mode!r}; choose one of {list(MODES)}")
-  bundle = inference.load_for_inference(workdir, mesh=mesh)
-  r = load_recipe(workdir, bundle.config, cache)
-  inputs = read_inputs(opts.inputs, r)
+  # Inputs and options are checked before the model is loaded: a refusal comes at once.
+  config = inference.load_config(workdir)
+  inputs = read_inputs(opts.inputs, load_recipe(workdir, config, cache))
+  if mode == "interpolate" and len(inputs) != 2:
+    raise DataError(f"--mode=interpolate takes exactly 2 volumes, --inputs gave {len(inputs)}: "
+                    f"{[x.path for x in inputs]}")
+  if mode == "complete":
+    observed_mask(opts, int(cache.stack_shape[0]))
   out = opts.out or os.path.join(workdir, mode)
   if os.path.exists(out) and not os.path.isdir(out):
     raise DataError(f"{out}: the output folder is a file; choose another --out")
+  bundle = inference.load_for_inference(workdir, mesh=mesh)
   if mode == "score":
     index = run_score(workdir, bundle, cache, inputs, opts, out)
   elif mode == "complete":
