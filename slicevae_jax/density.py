@@ -80,12 +80,13 @@ def slice_log_density(g: lg.LatentGaussian, y: np.ndarray, eps: float = EPS) -> 
 
   The leave-one-slice-out conditional of the model N(μ, B Bᵀ + eps·I) of `lg.log_density`:
   where along the slice axis a stack departs from what the rest of it predicts. The terms do
-  not sum to log p(y) (each conditions on all other slices). Per group g of the model's view
-  with W_g [S, d, P] (d = 1 rows per slice for per_dim and rotated, d = L for joint) and
-  M = W_gᵀW_g, the factors given the other slices have εA_s = εI + M − W_sᵀW_s, so
-  y_s | rest ~ N(W_s A_s⁻¹ Wᵀ_rest v_rest / ε, εI + W_s A_s⁻¹ W_sᵀ), whose inverse and
-  determinant follow from Woodbury with the slice-independent εI + M: P×P algebra only,
-  in float64 on the host.
+  not sum to log p(y) (each conditions on all other slices). Per group of the model's view,
+  with factors W [S, d, P] (d = 1 row per slice for per_dim and rotated, d = L for joint),
+  C = εI + WᵀW and the precision Λ = (WWᵀ + εI)⁻¹ = ε⁻¹(I − W C⁻¹ Wᵀ) (Woodbury), slice s
+  has Λ_ss = ε⁻¹K_s with K_s = I_d − W_s C⁻¹ W_sᵀ and (Λv)_s = ε⁻¹u_s with
+  u = v − W C⁻¹ Wᵀ v, so log p(v_s | rest) = −½(u_sᵀK_s⁻¹u_s / ε + d log ε − log|K_s| +
+  d log 2π). For d > P, K_s⁻¹ and |K_s| come from the P×P matrix C − W_sᵀW_s instead.
+  Every slice at once, in float64 on the host.
   """
   y = np.asarray(y, np.float64)
   if y.ndim != 3 or y.shape[1:] != (g.num_slices, g.latent_dim):
@@ -94,30 +95,29 @@ def slice_log_density(g: lg.LatentGaussian, y: np.ndarray, eps: float = EPS) -> 
   n, s_num = y.shape[:2]
   w = np.asarray(g.W, np.float64)                                     # [G, S', P]
   groups, _, p = w.shape
-  w = w.reshape(groups, s_num, -1, p)                                 # [G, S, d, P]
-  d = w.shape[2]
   # pylint: disable-next=protected-access
   v = np.asarray(lg._view(g, y - np.asarray(g.mean, np.float64)))     # [N, S', G]
-  v = v.reshape(n, s_num, d, groups).transpose(0, 3, 1, 2)            # [N, G, S, d]
-  eye = np.eye(p)
-  m = np.einsum("gsdp,gsdq->gpq", w, w)                               # [G, P, P]
-  c_inv = np.linalg.inv(eps * eye + m)
-  _, logdet_c = np.linalg.slogdet(eps * eye + m)                      # [G]
-  wt_v = np.einsum("gsdp,ngsd->ngp", w, v)                            # Wᵀv, [N, G, P]
-  out = np.empty((n, s_num))
-  for s in range(s_num):
-    ws = w[:, s]                                                      # [G, d, P]
-    a = eps * eye + m - np.einsum("gdp,gdq->gpq", ws, ws)             # εA_s
+  v = np.moveaxis(v, -1, 1)                                           # [N, G, S']
+  c = eps * np.eye(p) + np.swapaxes(w, 1, 2) @ w                      # [G, P, P]
+  c_inv = np.linalg.inv(c)
+  u = v - ((w @ c_inv)[None] @ (v[:, :, None, :] @ w[None])[..., 0, :, None])[..., 0]
+  w = w.reshape(groups, s_num, -1, p)                                 # [G, S, d, P]
+  u = u.reshape(n, groups, s_num, -1)                                 # [N, G, S, d]
+  d = w.shape[2]
+  w_t = np.swapaxes(w, 2, 3)                                          # [G, S, P, d]
+  if d <= p:
+    k = np.eye(d) - w @ c_inv[:, None] @ w_t                          # [G, S, d, d]
+    _, logdet_k = np.linalg.slogdet(k)
+    quad = np.sum(u * (np.linalg.inv(k)[None] @ u[..., None])[..., 0], axis=-1)
+  else:
+    a = c[:, None] - w_t @ w                                          # [G, S, P, P]
     _, logdet_a = np.linalg.slogdet(a)
-    vs = v[:, :, s]                                                   # [N, G, d]
-    b = wt_v - np.einsum("gdp,ngd->ngp", ws, vs)
-    m_z = np.linalg.solve(a[None], b[..., None])[..., 0]              # [N, G, P]
-    e = vs - np.einsum("gdp,ngp->ngd", ws, m_z)
-    proj = np.einsum("gdp,ngd->ngp", ws, e)
-    quad = (np.sum(e * e, axis=-1) - np.einsum("ngp,gpq,ngq->ng", proj, c_inv, proj)) / eps
-    logdet = d * np.log(eps) + logdet_c - logdet_a                    # [G]
-    out[:, s] = -0.5 * np.sum(quad + logdet + d * np.log(2 * np.pi), axis=-1)
-  return out
+    logdet_k = logdet_a - np.linalg.slogdet(c)[1][:, None]
+    t = (w_t[None] @ u[..., None])[..., 0]                            # [N, G, S, P]
+    quad = np.sum(u * u, axis=-1) + np.sum(t * (np.linalg.inv(a)[None] @ t[..., None])[..., 0],
+                                          axis=-1)
+  per_group = -0.5 * (quad / eps + d * np.log(eps) - logdet_k + d * np.log(2 * np.pi))
+  return np.sum(per_group, axis=1)                                    # [N, S]
 
 
 @dataclasses.dataclass
