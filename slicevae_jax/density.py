@@ -403,6 +403,12 @@ def memorisation_audit(samples: np.ndarray, train: Sequence[np.ndarray],
       held-out volumes against each other (0.5 up to ties). Well above 0.5 = copying.
     below_all_heldout: share of samples nearer the training set than every held-out
       volume; reference: the same for each held-out volume against the others.
+    nearer_train_than_heldout: share of samples nearer their nearest training volume than
+      their nearest held-out volume; reference: the same for each held-out volume, with the
+      other held-out volumes as its held-out set. Blurry, mean-like samples lie near every
+      volume and raise the first two statistics somewhat; this one compares a sample with
+      both sets and is not fooled by that (it depends on the sizes of the two sets, which
+      the reference shares up to one volume).
 
   Args:
     samples: [Q, X, Y, Z] generated volumes.
@@ -426,6 +432,9 @@ def memorisation_audit(samples: np.ndarray, train: Sequence[np.ndarray],
     nh, dh = _nearest(s, ho)
     _, ho_dt = _nearest(ho, tr)
     floor = np.array([np.min(np.delete(ho_dt, i)) for i in range(len(ho_dt))])
+    # Each held-out volume's nearest other held-out volume.
+    ho_dh = np.array([_nearest(ho[i:i + 1], np.delete(np.asarray(ho), i, axis=0))[1][0]
+                      for i in range(len(ho))])
     out[space] = {
         "nearest_train": nt, "d_train": dt, "nearest_heldout": nh, "d_heldout": dh,
         "heldout_d_train": ho_dt,
@@ -433,5 +442,7 @@ def memorisation_audit(samples: np.ndarray, train: Sequence[np.ndarray],
         "closer_to_train_reference": closer_fraction(ho_dt, ho_dt, same=True),
         "below_all_heldout": float(np.mean(dt < ho_dt.min())),
         "below_all_heldout_reference": float(np.mean(ho_dt < floor)),
+        "nearer_train_than_heldout": float(np.mean(dt < dh)),
+        "nearer_train_than_heldout_reference": float(np.mean(ho_dt < ho_dh)),
     }
   return out

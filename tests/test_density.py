@@ -111,6 +111,7 @@ def test_audit_flags_copies_and_not_fresh_draws():
   a = density.memorisation_audit(copies, list(train), heldout)["voxel"]
   assert a["nearest_train"].tolist() == list(range(6))
   assert a["closer_to_train"] == 1.0 and a["below_all_heldout"] == 1.0
+  assert a["nearer_train_than_heldout"] == 1.0
   assert a["closer_to_train_reference"] == pytest.approx(0.5)
   b = density.memorisation_audit(fresh, train, heldout)["voxel"]
   assert 0.15 < b["closer_to_train"] < 0.85 and b["below_all_heldout"] < 0.5
