@@ -9,6 +9,9 @@ against the true volume:
               workdir's latent.model).
   linear      linear interpolation along the slice axis between kept slices.
   cubic       cubic spline (not-a-knot) along the slice axis through the kept slices.
+  slice VAE reconstruction (ceiling)   every true slice encoded and decoded, kept slices
+              put back: what the decoder gives when the codes are exactly right, the best
+              the completion can reach.
 
 Slices past the last kept one take its value (linear, cubic). Metrics per volume, on the
 missing slices only, then mean ± std over volumes: PSNR (peak 1), SSIM (dm-pix, 2D, each
@@ -82,6 +85,7 @@ def main() -> None:
   p.add_argument("--ks", type=int, nargs="+", default=[2, 4])
   p.add_argument("--num", type=int, default=0, help="held-out volumes (0 = all)")
   p.add_argument("--latent-model", default="", help="per_dim | joint | rotated (default main)")
+  p.add_argument("--no-dice", action="store_true", help="skip the U-Net segmentations")
   p.add_argument("--no-write", action="store_true", help="print, do not append RESULTS.md")
   args = p.parse_args()
   logging.set_verbosity(logging.WARNING)
@@ -96,7 +100,7 @@ def main() -> None:
   axis = cache.slice_axis
   seg = None
   seg_dir = os.path.join(args.workdir, segmenter.SUBDIR, trainer.CHECKPOINT_DIR)
-  if cache.labels is not None and ckpt_lib.finished_steps(seg_dir):
+  if not args.no_dice and cache.labels is not None and ckpt_lib.finished_steps(seg_dir):
     seg_model, seg_vars = segmenter.load_segmenter(config, args.workdir, cache, bundle.mesh)
     num_labels = len(segmenter.label_names(cache))
     seg = lambda v: segmenter.segment_volumes(seg_model, seg_vars, v, axis, bundle.mesh)
@@ -105,10 +109,15 @@ def main() -> None:
   if seg is not None:
     true = np.stack([np.moveaxis(cache.label_volume(i), axis, 0) for i in val])
     seg_orig = np.moveaxis(seg(originals), axis + 1, 1)
+  recon = density.decode_stacks(bundle, density.encode_volumes(bundle, originals))
   for k in args.ks:
     observed = density.keep_every(g.num_slices, k)
     missing = ~observed
-    filled = {"slice VAE": [], "linear": [], "cubic": []}
+    filled = {"slice VAE": [], "linear": [], "cubic": [],
+              "slice VAE reconstruction (ceiling)": [
+                  np.moveaxis(np.where(observed[:, None, None], np.moveaxis(o, axis, 0),
+                                       np.moveaxis(r, axis, 0)), 0, axis)
+                  for o, r in zip(originals, recon)]}
     for j, vol in enumerate(originals):
       stack = np.moveaxis(vol, axis, 0)
       done = density.complete_volume(bundle, vol, observed, jax.random.key(j), 0, g)
