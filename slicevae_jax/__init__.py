@@ -10,6 +10,7 @@ preprocessing workers never pull in JAX; listed by tab completion):
 
     from slicevae_jax import load_for_inference, sample_volumes
     from slicevae_jax import load_baseline   # a trained 3D baseline (baselines/stages.py)
+    from slicevae_jax import score_volumes, complete_volume, interpolate_volumes  # density
 """
 
 import importlib
@@ -23,6 +24,10 @@ _EXPORTS = {
     "encode_stacks": "slicevae_jax.slicevae.inference",
     "decode_latents": "slicevae_jax.slicevae.inference",
     "InferenceBundle": "slicevae_jax.slicevae.inference",
+    "score_volumes": "slicevae_jax.slicevae.density",
+    "complete_volume": "slicevae_jax.slicevae.density",
+    "interpolate_volumes": "slicevae_jax.slicevae.density",
+    "memorisation_audit": "slicevae_jax.slicevae.density",
     "run": "slicevae_jax.pipeline",
     "load_baseline": "slicevae_jax.baselines.stages",
 }

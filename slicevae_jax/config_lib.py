@@ -187,6 +187,8 @@ def base_config() -> ml_collections.ConfigDict:
   # best) and samples of each of these latent models fitted on the same checkpoint.
   ev.reconstructions = True
   ev.latent_models = ("per_dim", "joint", "rotated")
+  # Memorisation audit in the report: each sample's nearest training and held-out volume.
+  ev.memorisation_audit = True
 
   # --- compare: every model on one data set with one budget (pipeline.compare) --------------
   c.compare = cp = ml_collections.ConfigDict()

@@ -6,11 +6,14 @@ Modes: the stages (preprocess, train, fit_latent, sample, evaluate; 'all', the d
 runs every stage not done yet), 'compare' (every model of the config's compare.models on
 one data set with one budget, one report; configs/compare.py), 'evaluate_folders'
 (another model's NIfTI volumes against real volumes and their labels, with the RAS
-segmenter of the workdir) and 'export' (a trained workdir -> a model bundle, bundle.py):
+segmenter of the workdir), 'export' (a trained workdir -> a model bundle, bundle.py) and
+the density tools on a trained workdir, 'score', 'complete' and 'interpolate'
+(slicevae/density_stages.py; they read the workdir's stored config):
 
   slicevae --mode=evaluate_folders --config=configs/hcp64.py --workdir=runs/hcp64 \
       --generated=DIR --real=DIR --labels=DIR --out=DIR [--name=alpha-wgan]
   slicevae --mode=export --config=configs/hcp64.py --workdir=runs/hcp64 --out=DIR
+  slicevae --mode=score --config=configs/hcp64.py --workdir=runs/hcp64 --inputs=DIR_OR_FILES
 
 Thin by design: parses flags, starts multi-host JAX when the config asks, and hands over
 to `pipeline` or `eval.evaluate`; every mode is callable from Python too. An expected
@@ -32,8 +35,9 @@ from slicevae_jax import parallel
 from slicevae_jax import pipeline
 from slicevae_jax.errors import ConfigError, SliceVAEError
 from slicevae_jax.eval import evaluate as evaluate_lib
+from slicevae_jax.slicevae import density_stages
 
-COMMANDS = ("compare", "evaluate_folders", "export")
+COMMANDS = ("compare", "evaluate_folders", "export") + density_stages.MODES
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,14 +50,27 @@ flags.DEFINE_enum("mode", "all", list(pipeline.MODES) + list(COMMANDS),
                   "Stage to run (preprocess, train, fit_latent, sample, evaluate); 'all' runs "
                   "every stage not done yet; 'compare' trains and scores every model of "
                   "compare.models; 'evaluate_folders' scores --generated against --real; "
-                  "'export' writes the trained workdir's model bundle to --out.")
+                  "'export' writes the trained workdir's model bundle to --out; 'score', "
+                  "'complete', 'interpolate': the density tools on --inputs.")
 flags.DEFINE_string("generated", None, "evaluate_folders: folder of generated .nii/.nii.gz "
                     "volumes.")
 flags.DEFINE_string("real", None, "evaluate_folders: folder of real volumes on the same grid.")
 flags.DEFINE_string("labels", None, "evaluate_folders: folder of the real volumes' label maps "
                     "(same file names).")
 flags.DEFINE_string("out", None, "evaluate_folders: output folder for metrics.json, report.md "
-                    "and PNGs; export: the new bundle folder.")
+                    "and PNGs; export: the new bundle folder; score/complete/interpolate: "
+                    "their output folder (default <workdir>/<mode>).")
+flags.DEFINE_string("inputs", None, "score/complete/interpolate: NIfTI files or folders, "
+                    "comma-separated (interpolate: exactly two volumes).")
+flags.DEFINE_string("latent_model", None, "score/complete/interpolate: per_dim, joint or "
+                    "rotated (default: score uses every model of the workdir, the others the "
+                    "config's latent.model).")
+flags.DEFINE_integer("keep_every", 0, "complete: slices 0, K, 2K, ... along the slice axis are "
+                     "acquired (a thick-slice scan), the others are completed.")
+flags.DEFINE_string("missing", None, "complete: missing slices along the slice axis, e.g. "
+                    "'20:30,41' (ranges end-exclusive).")
+flags.DEFINE_integer("num_samples", 8, "complete: conditional samples for the std map.")
+flags.DEFINE_integer("steps", 8, "interpolate: volumes along the path, endpoints included.")
 flags.DEFINE_string("name", None, "evaluate_folders: model name in the report (default: the "
                     "generated folder's name).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -141,6 +158,11 @@ def main(argv):
       pipeline.compare(config, FLAGS.workdir)
     elif mode == "export":
       logging.info("exported %s", bundle_lib.export(FLAGS.workdir, FLAGS.out))
+    elif mode in density_stages.MODES:
+      density_stages.run_workdir(FLAGS.workdir, mode, density_stages.Options(
+          inputs=FLAGS.inputs or "", out=FLAGS.out or "", latent_model=FLAGS.latent_model or "",
+          keep_every=FLAGS.keep_every, missing=FLAGS.missing or "",
+          num_samples=FLAGS.num_samples, steps=FLAGS.steps))
     elif mode == "evaluate_folders":
       evaluate_lib.evaluate_folders(config, FLAGS.generated, FLAGS.real, FLAGS.labels,
                                     FLAGS.workdir, FLAGS.out, name=FLAGS.name)

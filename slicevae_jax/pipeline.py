@@ -38,6 +38,7 @@ from slicevae_jax.errors import ConfigError, DataError
 from slicevae_jax.eval import evaluate as evaluate_lib
 from slicevae_jax.eval import report
 from slicevae_jax.eval import segmenter as seg_lib
+from slicevae_jax.slicevae import density_stages
 from slicevae_jax.slicevae import fit_latent as fit_latent_lib
 from slicevae_jax.slicevae import sample as slicevae_sample
 from slicevae_jax.slicevae import train as slicevae_train
@@ -291,6 +292,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, mode: str,
                     f"they are")
   logging.info("cache %s: %d subjects (%d train, %d val), stacks %s", cache.path, len(cache),
                len(cache.split("train")), len(cache.split("val")), cache.stack_shape)
+  if jax.process_index() == 0:
+    density_stages.write_recipe(config, workdir, cache)   # what new scans are brought to
   if mode == "preprocess":
     return
   fam = family(config)

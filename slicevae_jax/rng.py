@@ -38,6 +38,7 @@ STREAMS = {
     "segmenter_init": 9,    # RAS segmenter parameters
     "segmenter_train": 10,  # RAS segmenter per-step key
     "segmenter_batches": 11,  # host: per-epoch permutations of the segmenter's slices
+    "complete": 12,         # conditional samples of --mode=complete (fold_in(., input i))
 }
 
 # Metric -> fixed id below key(eval.seed); as STREAMS, never reused or renumbered.

@@ -6,6 +6,7 @@ so this module is the one map of a workdir (in the order the stages fill it):
   <workdir>/
     .lock                  held by the run using the workdir (`lock`)
     config.json            the resolved config (`save_config`, `load_config`, `record_config`)
+    preprocess.json        how a new scan reaches the model's grid (`recipe_file`)
     cache/                 preprocessed volumes (data/cache.py), or data.cache_dir (`cache_dir`)
     checkpoints/<step>/    orbax checkpoints of a training run (`checkpoint_dir`)
     metrics.jsonl tb/ images/   the training loop's scalars, TensorBoard and picture grids
@@ -38,6 +39,7 @@ from slicevae_jax.errors import ConfigError, DataError
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 LATENT_FILE = "latent_gaussian.npz"
+RECIPE_FILE = "preprocess.json"
 SAMPLES_INDEX = "samples.json"
 # The files of an evaluation folder (eval/, or any folder evaluate_folders writes to).
 METRICS_FILE = "metrics.json"
@@ -61,6 +63,11 @@ _UNFROZEN = ("model.bn_mode",)
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The cache a run reads: data.cache_dir when set (shared caches), else <workdir>/cache."""
   return config.data.cache_dir or os.path.join(workdir, "cache")
+
+
+def recipe_file(workdir: str) -> str:
+  """The preprocessing recipe new scans go through (density modes, bundles)."""
+  return os.path.join(workdir, RECIPE_FILE)
 
 
 def checkpoint_dir(run_dir: str) -> str:

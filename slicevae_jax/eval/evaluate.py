@@ -14,13 +14,10 @@ samples and any other model's:
   of real volumes and a folder of their label maps, with the segmenter of an existing workdir
   (`--mode=evaluate_folders` of main.py).
 
-The report itself (metrics.json, report.md, figures) is `report.py`. Which real volumes: the
-MMD compares against the held-out set (at most `eval.num_real` volumes). For the upper bound
-and the real rows of the Gaussian MMD and the Fréchet distance, the real set is cut into two
-disjoint halves (first half, second half); those real-vs-real values come from half as many
-volumes and so carry more finite-sample bias than the generated-vs-real ones. The RAS
-registers generated volumes to the second half, the same fixed volumes the upper bound
-registers the first half to, so a row's RAS and the bound differ only by the atlases.
+The report itself is `report.py`, the memorisation audit `audit.py`. Real volumes: the held-out
+set (at most `eval.num_real`), cut into two halves for the real row (upper bound, Gaussian MMD,
+Fréchet distance: fewer volumes, more finite-sample bias). The RAS registers generated volumes
+to the second half, as the bound registers the first half, so the two differ only by atlases.
 """
 
 from __future__ import annotations
@@ -45,9 +42,11 @@ from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data import nifti
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import DataError
+from slicevae_jax.eval import audit as audit_lib
 from slicevae_jax.eval import report
 from slicevae_jax.eval import segmenter as seg_lib
 from slicevae_jax.metrics import frechet, mmd, ms_ssim, ras
+from slicevae_jax.slicevae import density
 from slicevae_jax.slicevae import fit_latent as fit_latent_lib
 from slicevae_jax.slicevae import inference
 from slicevae_jax.slicevae import latent as lg
@@ -358,14 +357,6 @@ def real_row_for(config: ml_collections.ConfigDict, workdir: str, real: np.ndarr
   return row
 
 
-def reconstruction_error(reconstructed: np.ndarray, real: np.ndarray) -> dict[str, float]:
-  """Mean squared error and PSNR (peak 1) of volumes in [0, 1] against their originals."""
-  err = np.mean(np.square(np.asarray(reconstructed, np.float64) - np.asarray(real, np.float64)),
-                axis=(1, 2, 3))
-  psnr = 10.0 * np.log10(1.0 / np.maximum(err, 1e-12))
-  return {"mse": float(err.mean()), "psnr": float(psnr.mean()), "num_volumes": int(len(err))}
-
-
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
                      mesh: Any = None) -> dict[str, Any]:
   """The evaluate stage: <workdir>/samples/*.nii.gz vs the cache's 'val' volumes.
@@ -427,12 +418,18 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
     row["kind"] = "samples" if i == 0 else ("reconstructions" if name == RECON_NAME
                                             else "latent model")
     if name == RECON_NAME:
-      row["reconstruction"] = reconstruction_error(vols, real[:len(vols)])
+      row["reconstruction"] = density.reconstruction_error(vols, real[:len(vols)])
     scored.append((row, arrays, vols))
   source = {"generated": [os.path.basename(p) for p in paths], "real_cache": cache.path,
             "segmenter_workdir": os.path.abspath(workdir), **_sources(workdir)}
+  out_dir = workdir_lib.eval_dir(workdir)
+  memorisation = sections = None
+  if e.memorisation_audit and cache.split("train"):
+    memorisation, sections = audit_lib.audit_report(
+        cache, generated, real, bundle if slice_vae else None, out_dir,
+        [os.path.basename(p) for p in paths])
   return report.write_results(config, scored, real_row, real, labels, names, cache.slice_axis,
-                              workdir_lib.eval_dir(workdir), source)
+                              out_dir, source, memorisation=memorisation, sections=sections)
 
 
 def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real_dir: str,

@@ -50,16 +50,22 @@ def write_results(config: ml_collections.ConfigDict,
                   scored: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]],
                   real_row: dict[str, Any], real: np.ndarray, real_labels: np.ndarray,
                   label_names: list[str], slice_axis: int, out_dir: str,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None,
+                  memorisation: dict[str, Any] | None = None,
+                  sections: list[str] | None = None) -> dict[str, Any]:
   """metrics.json, report.md, figures and the per-pair Dice of scored rows, first row first.
 
   scored: (row, arrays from `score_generated`, the row's volumes) per row.
+  memorisation, sections: the memorisation audit's summary for metrics.json and its
+  Markdown lines for the end of the report (eval/evaluate.py computes them).
   """
   e = config.eval
   rows = [r for r, _, _ in scored]
   settings = {"eval": plain(e), "seed": int(e.seed), "slice_axis": int(slice_axis)}
   result = {"model": rows[0], "rows": rows, "real": public(real_row),
             "label_names": list(label_names), "settings": settings, "source": dict(extra or {})}
+  if memorisation is not None:
+    result["memorisation"] = memorisation
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     for row, arrays, volumes in scored:
@@ -71,7 +77,7 @@ def write_results(config: ml_collections.ConfigDict,
       fileio.save_npz(os.path.join(out_dir, f"ras_dice_{_slug(row['name'])}.npz"), **saved)
     fileio.write_json(os.path.join(out_dir, METRICS_FILE), result)
     write_report(rows, result["real"], out_dir, label_names=list(label_names),
-                 notes=_notes(settings))
+                 notes=_notes(settings), sections=sections)
   for row in rows:
     logging.info("%s: MMD %s ± %s, MS-SSIM %s, RAS %s (real-vs-real %s), segmenter FD %s",
                  row["name"], _fmt(row["mmd_kwon"]["mean"]), _fmt(row["mmd_kwon"]["std"]),
@@ -278,7 +284,7 @@ def _link(row: dict[str, Any], filename: str, out_dir: str) -> str:
 
 def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None, out_dir: str,
                  *, label_names: list[str] | None = None, title: str = "Evaluation",
-                 notes: list[str] | None = None) -> str:
+                 notes: list[str] | None = None, sections: list[str] | None = None) -> str:
   """Writes out_dir/report.md and out_dir/ras_per_label.png for one or several models.
 
   Args:
@@ -290,6 +296,7 @@ def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None,
     out_dir: output folder of report.md and the RAS chart.
     label_names: K names, background first (default: from the rows' RAS entries).
     title, notes: heading and bullet points under the table.
+    sections: Markdown lines appended at the end (the memorisation audit).
   Returns:
     The report's path.
   """
@@ -342,6 +349,7 @@ def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None,
     if figs.get("montage"):
       md += [f"## Samples: {r['name']}", "", "Sagittal, coronal and axial mid-slices.", "",
              f"![samples of {r['name']}]({figs['montage']})", ""]
+  md += sections or []
   path = os.path.join(out_dir, REPORT_FILE)
   fileio.write_text(path, "\n".join(md))
   return path
