@@ -11,6 +11,7 @@ as they read the workdir it came from.
     config.json            the resolved config of the training run
     config.py              get_config() reading config.json, for --config=<out>/config.py
     preprocess.json        the recipe a new scan goes through to reach the model's grid
+    score_reference.npz    the held-out volumes' scores, which --mode=score ranks against
     checkpoints/<step>/    the newest slice VAE checkpoint
     latent_gaussian.npz    the main latent model; latent_<model>.npz, the others fitted
     segmenter/checkpoints/<step>/   the RAS segmenter, when the workdir trained one
@@ -29,17 +30,20 @@ import tempfile
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from slicevae_jax import __version__
 from slicevae_jax import fileio
 from slicevae_jax import workdir as workdir_lib
-from slicevae_jax.data import preprocess
+from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import ConfigError, DataError
 from slicevae_jax.eval import report as report_lib
+from slicevae_jax.slicevae import density
+from slicevae_jax.slicevae import density_stages
+from slicevae_jax.slicevae import inference
 
-BUNDLE_FILE = "bundle.json"
+BUNDLE_FILE = workdir_lib.BUNDLE_FILE
 CARD_FILE = "README.md"
-RECIPE_FILE = "preprocess.json"
 FORMAT_VERSION = 1
 
 _CONFIG_PY = '''"""The config of this model bundle, for --config=<bundle>/config.py (overrides work)."""
@@ -65,18 +69,6 @@ _TEMPLATE_NOTICE = (
     "granted, provided that the above copyright notice appear in all copies. The authors and "
     "McGill University make no representations about the suitability of this software for any "
     "purpose. It is provided \"as is\" without express or implied warranty.")
-
-
-def is_bundle(path: str) -> bool:
-  """True if `path` is a folder written by `export`."""
-  return os.path.isfile(os.path.join(path, BUNDLE_FILE))
-
-
-def recipe(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """How a new scan reaches the model's grid: the preprocessing settings of the cache."""
-  d = config.data
-  return {**preprocess.settings(d), "source": str(d.source), "grid": int(d.grid),
-          "slice_axis": int(d.slice_axis), "voxel_size": float(d.voxel_size)}
 
 
 def _sha256(path: str) -> str:
@@ -138,7 +130,7 @@ def _card(config: ml_collections.ConfigDict, workdir: str, step: int, kinds: lis
       f"{int(d.slice_axis)}; intensities scaled to [0, 1] between the percentiles "
       f"{d.percentiles[0]:g} and {d.percentiles[1]:g} (N4 bias correction: "
       f"{'yes' if d.n4 else 'no'}). A new scan must go through the same recipe "
-      f"(`{RECIPE_FILE}`).", "",
+      f"(`{workdir_lib.RECIPE_FILE}`).", "",
       "## Model and training", "",
       f"- Slice VAE, base width {int(m.base_width)}, latent "
       f"{int(m.latent_size)}×{int(m.latent_size)}×{int(m.latent_channels)} per slice.",
@@ -190,7 +182,17 @@ def export(workdir: str, out: str) -> str:
     step = _copy_newest_checkpoint(workdir, tmp)
     shutil.copy2(os.path.join(workdir, workdir_lib.CONFIG_FILE), tmp)
     fileio.write_text(os.path.join(tmp, "config.py"), _CONFIG_PY)
-    fileio.write_json(os.path.join(tmp, RECIPE_FILE), recipe(config))
+    cache_path = workdir_lib.cache_dir(config, workdir)
+    cache = VolumeCache(cache_path) if VolumeCache.exists(cache_path) else None
+    fileio.write_json(workdir_lib.recipe_file(tmp),
+                      density_stages.load_recipe(workdir, config, cache))
+    if cache is not None and cache.split("val"):
+      # What --mode=score ranks new scans against, computed now: the bundle has no data.
+      model = inference.load_for_inference(workdir)
+      ref = density.reference_scores(
+          model, np.stack([cache.volume(i) for i in cache.split("val")]),
+          density_stages.latent_models(workdir, model, ""))
+      density_stages.save_reference(workdir_lib.score_reference(tmp), ref)
     kinds = [str(config.latent.model)]
     shutil.copy2(main_latent, tmp)
     for name in sorted(os.listdir(workdir)):

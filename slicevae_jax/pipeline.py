@@ -22,7 +22,6 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from slicevae_jax import bundle as bundle_lib
 from slicevae_jax import config_lib
 from slicevae_jax import fileio
 from slicevae_jax import parallel
@@ -256,9 +255,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "all",
   if mode == "fit_latent" and family(config).fit_latent is None:
     raise ConfigError(f"--mode=fit_latent fits the slice VAE's latent Gaussian; model_type="
                       f"{config.model_type!r} samples its prior directly and has no such stage")
-  if bundle_lib.is_bundle(workdir) and mode != "sample":
+  if workdir_lib.is_bundle(workdir) and mode != "sample":
     raise ConfigError(f"{workdir} is a model bundle: it has no data or training history, so "
-                      f"only --mode=sample runs on it (train and evaluate need a workdir)")
+                      f"only --mode=sample (and score, complete, interpolate) runs on it; train "
+                      f"and evaluate need a workdir")
   workdir_lib.check_writable(workdir)
   try:
     with workdir_lib.lock(workdir, config, mode):
@@ -276,7 +276,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, mode: str,
   if mode == "sample" and workdir_lib.latest_step(workdir) is not None:
     # A trained model (a workdir or a bundle) samples without its data: no cache needed,
     # and a bundle's config.json stays the one it was exported with.
-    if not bundle_lib.is_bundle(workdir):
+    if not workdir_lib.is_bundle(workdir):
       workdir_lib.record_config(config, workdir)
     _sync("slicevae:sample")
     write_samples(config, workdir, mesh)

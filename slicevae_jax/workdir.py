@@ -40,6 +40,8 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 LATENT_FILE = "latent_gaussian.npz"
 RECIPE_FILE = "preprocess.json"
+BUNDLE_FILE = "bundle.json"
+SCORE_REFERENCE_FILE = "score_reference.npz"
 SAMPLES_INDEX = "samples.json"
 # The files of an evaluation folder (eval/, or any folder evaluate_folders writes to).
 METRICS_FILE = "metrics.json"
@@ -68,6 +70,16 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def recipe_file(workdir: str) -> str:
   """The preprocessing recipe new scans go through (density modes, bundles)."""
   return os.path.join(workdir, RECIPE_FILE)
+
+
+def is_bundle(path: str) -> bool:
+  """True if `path` is a model bundle (bundle.py): a read-only workdir without data."""
+  return os.path.isfile(os.path.join(path, BUNDLE_FILE))
+
+
+def score_reference(path: str) -> str:
+  """A bundle's stored scores of its held-out volumes (`--mode=score` ranks against them)."""
+  return os.path.join(path, SCORE_REFERENCE_FILE)
 
 
 def checkpoint_dir(run_dir: str) -> str:

@@ -13,9 +13,11 @@ from slicevae_jax import bundle as bundle_lib
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import fileio, parallel, pipeline
 from slicevae_jax import workdir as workdir_lib
+from slicevae_jax.data import nifti
+from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import ConfigError, DataError
 from slicevae_jax.models import slice_vae
-from slicevae_jax.slicevae import fit_latent, inference, train
+from slicevae_jax.slicevae import density_stages, fit_latent, inference, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,4 +102,30 @@ def test_export_through_main(trained, tmp_path):
   r = subprocess.run(cmd + [f"--out={tmp_path / 'cli'}"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert bundle_lib.is_bundle(str(tmp_path / "cli"))
+  assert workdir_lib.is_bundle(str(tmp_path / "cli"))
+
+
+def test_density_modes_read_a_bundle_as_they_read_its_workdir(trained, tmp_path):
+  wd, config = trained
+  out = bundle_lib.export(wd, str(tmp_path / "b"))
+  assert os.path.isfile(workdir_lib.score_reference(out))
+  cache = VolumeCache(config.data.cache_dir)
+  i = cache.split("val")[0]
+  scan = str(tmp_path / "scan.nii.gz")
+  nifti.save_volume(scan, cache.volume(i), cache.affine(i))
+  runs = {}
+  for name, where in (("bundle", out), ("workdir", wd)):
+    runs[name] = density_stages.run_workdir(where, "score", density_stages.Options(
+        inputs=scan, out=str(tmp_path / f"score_{name}")))
+  a, b = runs["bundle"]["volumes"][0], runs["workdir"]["volumes"][0]
+  assert a["recon_percentile"] == b["recon_percentile"]
+  assert set(a["models"]) == set(b["models"]) == set(config.eval.latent_models)
+  for kind in a["models"]:
+    assert a["models"][kind]["log_density"] == pytest.approx(b["models"][kind]["log_density"],
+                                                             rel=1e-5)
+    assert (a["models"][kind]["log_density_percentile"]
+            == b["models"][kind]["log_density_percentile"])
+  assert runs["bundle"]["reference"]["source"] == workdir_lib.score_reference(out)
+  done = density_stages.run_workdir(out, "complete", density_stages.Options(
+      inputs=scan, keep_every=2, num_samples=2, out=str(tmp_path / "complete")))
+  assert os.path.isfile(os.path.join(tmp_path, "complete", "completion.json")) and done

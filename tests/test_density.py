@@ -126,7 +126,7 @@ def test_audit_flags_copies_and_not_fresh_draws():
 
 def test_real_volumes_typical_corrupted_below_every_real(trained):
   wd, _, bundle, val = trained
-  models = density_stages._models(wd, bundle, "")   # pylint: disable=protected-access
+  models = density_stages.latent_models(wd, bundle, "")
   assert set(models) == {"per_dim", "joint", "rotated"}
   real = density.score_volumes(bundle, val, val, models)
   for kind in models:

@@ -164,8 +164,23 @@ def _recon(bundle, volumes: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
   return recon, err
 
 
+def reference_scores(bundle: inference.InferenceBundle, reference: np.ndarray,
+                     gaussians: dict[str, lg.LatentGaussian] | None = None,
+                     eps: float = EPS) -> dict[str, Any]:
+  """Scores of the reference volumes, computed once (a model bundle stores them):
+  {'log_density': {kind: [M]}, 'slice_log_density': {kind: [M, S]}, 'recon_mse': [M]}."""
+  gaussians = gaussians or {_gaussian(bundle, None).kind: bundle.gaussian}
+  reference = np.asarray(reference, np.float32)
+  if len(reference) < 1:
+    raise DataError("scoring needs at least one reference (held-out) volume")
+  y_ref = encode_volumes(bundle, reference)
+  ref_total, ref_slice = _densities(gaussians, y_ref, eps)
+  _, ref_err = _recon(bundle, reference, y_ref)
+  return {"log_density": ref_total, "slice_log_density": ref_slice, "recon_mse": ref_err}
+
+
 def score_volumes(bundle: inference.InferenceBundle, volumes: np.ndarray,
-                  reference: np.ndarray,
+                  reference: np.ndarray | dict[str, Any],
                   gaussians: dict[str, lg.LatentGaussian] | None = None,
                   eps: float = EPS) -> Scores:
   """How typical each volume is: latent log density, reconstruction error, percentiles.
@@ -181,19 +196,22 @@ def score_volumes(bundle: inference.InferenceBundle, volumes: np.ndarray,
   Args:
     bundle: from `inference.load_for_inference`.
     volumes: [N, X, Y, Z] in [0, 1] on the model grid.
-    reference: [M, X, Y, Z] held-out real volumes on the same grid (M >= 1).
+    reference: [M, X, Y, Z] held-out real volumes on the same grid (M >= 1), or their
+      `reference_scores` (with an entry for every model of `gaussians`).
     gaussians: {kind: LatentGaussian} (default: the bundle's, under its kind).
     eps: isotropic noise of the density (`lg.log_density`).
   """
   gaussians = gaussians or {_gaussian(bundle, None).kind: bundle.gaussian}
-  volumes, reference = np.asarray(volumes, np.float32), np.asarray(reference, np.float32)
-  if len(reference) < 1:
-    raise DataError("scoring needs at least one reference (held-out) volume")
-  y, y_ref = encode_volumes(bundle, volumes), encode_volumes(bundle, reference)
+  ref = (reference if isinstance(reference, dict)
+         else reference_scores(bundle, reference, gaussians, eps))
+  missing = sorted(set(gaussians) - set(ref["log_density"]))
+  if missing:
+    raise DataError(f"the reference scores have no latent model {missing}")
+  ref_total, ref_slice, ref_err = ref["log_density"], ref["slice_log_density"], ref["recon_mse"]
+  volumes = np.asarray(volumes, np.float32)
+  y = encode_volumes(bundle, volumes)
   total, per_slice = _densities(gaussians, y, eps)
-  ref_total, ref_slice = _densities(gaussians, y_ref, eps)
   recon, err = _recon(bundle, volumes, y)
-  _, ref_err = _recon(bundle, reference, y_ref)
   return Scores(
       log_density=total,
       log_density_percentile={k: percentile_of(total[k], ref_total[k]) for k in total},
@@ -201,8 +219,8 @@ def score_volumes(bundle: inference.InferenceBundle, volumes: np.ndarray,
       recon_mse=err,
       recon_percentile=percentile_of(err, ref_err, higher_is_typical=False),
       reconstructions=recon,
-      reference={"log_density": ref_total, "slice_log_density": ref_slice,
-                 "recon_mse": ref_err})
+      reference={"log_density": {k: ref_total[k] for k in total},
+                 "slice_log_density": {k: ref_slice[k] for k in total}, "recon_mse": ref_err})
 
 
 # ----------------------------------------------------------------------------- complete

@@ -80,11 +80,13 @@ def write_recipe(config: ml_collections.ConfigDict, workdir: str, cache: VolumeC
 
 
 def load_recipe(workdir: str, config: ml_collections.ConfigDict,
-                cache: VolumeCache) -> dict[str, Any]:
+                cache: VolumeCache | None) -> dict[str, Any]:
   """<workdir>/preprocess.json, or the recipe of the workdir's config for older workdirs."""
   path = workdir_lib.recipe_file(workdir)
   if os.path.exists(path):
     return fileio.read_json(path)
+  if cache is None:
+    raise DataError(f"{path}: missing; a model bundle carries its preprocessing recipe")
   logging.info("%s missing (a workdir from before it was stored); using the workdir's config",
                path)
   return recipe(config, cache)
@@ -171,7 +173,7 @@ def read_inputs(spec: str, r: dict[str, Any]) -> list[Input]:
   return out
 
 
-def _models(workdir: str, bundle: inference.InferenceBundle, wanted: str
+def latent_models(workdir: str, bundle: inference.InferenceBundle, wanted: str
             ) -> dict[str, lg.LatentGaussian]:
   """{kind: model} of the workdir (all of them, or the one `wanted` names)."""
   files = fit_latent_lib.latent_files(workdir)
@@ -186,7 +188,7 @@ def _one_model(workdir: str, bundle: inference.InferenceBundle, wanted: str
                ) -> tuple[str, lg.LatentGaussian]:
   if not wanted:
     return bundle.gaussian.kind, bundle.gaussian
-  return next(iter(_models(workdir, bundle, wanted).items()))
+  return next(iter(latent_models(workdir, bundle, wanted).items()))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -258,15 +260,47 @@ def _slice_plot(path: str, name: str, scores: density.Scores, i: int) -> None:
   _save_figure(fig, path)
 
 
-def run_score(workdir: str, bundle: inference.InferenceBundle, cache: VolumeCache,
-              inputs: list[Input], opts: Options, out: str) -> dict[str, Any]:
-  """Scores every input against the cache's held-out volumes; writes CSV, plots, JSON."""
-  models = _models(workdir, bundle, opts.latent_model)
+def save_reference(path: str, ref: dict[str, Any]) -> None:
+  """`density.reference_scores` as one .npz (a bundle's score_reference.npz)."""
+  arrays = {"recon_mse": ref["recon_mse"]}
+  for field in ("log_density", "slice_log_density"):
+    arrays.update({f"{field}.{k}": v for k, v in ref[field].items()})
+  fileio.save_npz(path, **arrays)
+
+
+def load_reference(path: str) -> dict[str, Any]:
+  with np.load(path) as z:
+    ref: dict[str, Any] = {"recon_mse": z["recon_mse"], "log_density": {},
+                           "slice_log_density": {}}
+    for name in z.files:
+      field, _, kind = name.partition(".")
+      if kind:
+        ref[field][kind] = z[name]
+  return ref
+
+
+def heldout_reference(workdir: str, bundle: inference.InferenceBundle,
+                      cache: VolumeCache | None) -> tuple[dict[str, Any] | np.ndarray, str, int]:
+  """(reference, where it comes from, how many volumes): the cache's held-out volumes of a
+  workdir, or the scores of them a bundle stores."""
+  if cache is None:
+    path = workdir_lib.score_reference(workdir)
+    if not os.path.exists(path):
+      raise DataError(f"{path}: missing; this bundle was exported without held-out scores")
+    ref = load_reference(path)
+    return ref, path, len(ref["recon_mse"])
   val = cache.split("val")
   if not val:
     raise DataError(f"{cache.path}: no held-out ('val') volumes to score against; set "
                     f"data.num_val > 0")
-  reference = np.stack([cache.volume(i) for i in val])
+  return np.stack([cache.volume(i) for i in val]), cache.path, len(val)
+
+
+def run_score(workdir: str, bundle: inference.InferenceBundle, cache: VolumeCache | None,
+              inputs: list[Input], opts: Options, out: str) -> dict[str, Any]:
+  """Scores every input against the held-out volumes; writes CSV, plots, JSON."""
+  models = latent_models(workdir, bundle, opts.latent_model)
+  reference, source, num_ref = heldout_reference(workdir, bundle, cache)
   scores = density.score_volumes(bundle, np.stack([x.volume for x in inputs]), reference, models)
   rows, records = [], []
   for i, x in enumerate(inputs):
@@ -300,7 +334,7 @@ def run_score(workdir: str, bundle: inference.InferenceBundle, cache: VolumeCach
       "percentiles": ("share (%) of the held-out real volumes that are at most as typical: "
                       "a lower log density, or a larger reconstruction error; 0 = below "
                       "every held-out volume"),
-      "reference": {"cache": cache.path, "num_volumes": len(val),
+      "reference": {"source": source, "num_volumes": num_ref,
                     "log_density": {k: _summary(v) for k, v in ref["log_density"].items()},
                     "recon_mse": _summary(ref["recon_mse"])},
       "checkpoint_step": bundle.step, "volumes": records}
@@ -412,7 +446,9 @@ def run_interpolate(workdir: str, bundle: inference.InferenceBundle, inputs: lis
 
 def run_workdir(workdir: str, mode: str, opts: Options, mesh=None) -> dict[str, Any]:
   """`run` on a trained workdir, with its stored config and its cache (the held-out volumes
-  the scores are ranked against)."""
+  the scores are ranked against), or on a model bundle (the scores of them it stores)."""
+  if workdir_lib.is_bundle(workdir):
+    return run(workdir, mode, opts, None, mesh)
   stored = workdir_lib.load_config(workdir)
   path = workdir_lib.cache_dir(stored, workdir)
   if not VolumeCache.exists(path):
@@ -421,7 +457,8 @@ def run_workdir(workdir: str, mode: str, opts: Options, mesh=None) -> dict[str, 
   return run(workdir, mode, opts, VolumeCache(path), mesh)
 
 
-def run(workdir: str, mode: str, opts: Options, cache: VolumeCache, mesh=None) -> dict[str, Any]:
+def run(workdir: str, mode: str, opts: Options, cache: VolumeCache | None,
+        mesh=None) -> dict[str, Any]:
   """Runs density mode `mode` on a trained workdir (its stored config) and writes its outputs."""
   if mode not in MODES:
     raise ConfigError(f"unknown density mode {mode!r}; choose one of {list(MODES)}")
@@ -432,7 +469,7 @@ def run(workdir: str, mode: str, opts: Options, cache: VolumeCache, mesh=None) -
     raise DataError(f"--mode=interpolate takes exactly 2 volumes, --inputs gave {len(inputs)}: "
                     f"{[x.path for x in inputs]}")
   if mode == "complete":
-    observed_mask(opts, int(cache.stack_shape[0]))
+    observed_mask(opts, int(config.data.grid))
   out = opts.out or os.path.join(workdir, mode)
   if os.path.exists(out) and not os.path.isdir(out):
     raise DataError(f"{out}: the output folder is a file; choose another --out")
