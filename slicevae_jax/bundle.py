@@ -222,7 +222,9 @@ def export(workdir: str, out: str) -> str:
         "format_version": FORMAT_VERSION, "slicevae_jax": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_workdir": workdir, "name": str(config.name), "checkpoint_step": step,
-        "segmenter_step": seg_step, "latent_models": kinds, "files": dict(sorted(files.items()))})
+        "segmenter_step": seg_step, "latent_models": kinds,
+        "label_names": (cache.manifest.get("label_names") if cache is not None else None),
+        "files": dict(sorted(files.items()))})
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

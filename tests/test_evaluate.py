@@ -1,6 +1,7 @@
 """Evaluation stage: RAS ordering, segmenter FD, metrics.json/report.md, NIfTI folders, errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -146,6 +147,17 @@ def test_evaluate_folders(trained, tmp_path):
   assert res["model"]["ras"]["mean"] > 0.5
   assert os.path.exists(os.path.join(out, "metrics.json"))
   assert os.path.exists(os.path.join(out, "report.md"))
+
+  # The same segmenter read from a model bundle, which has no cache: the same scores.
+  bundle = tmp_path / "bundle"
+  shutil.copytree(os.path.join(workdir, "segmenter"), bundle / "segmenter")
+  fileio.write_json(str(bundle / "bundle.json"), {"label_names": cache.label_names()})
+  again = evaluate.evaluate_folders(config, gen_dir, real_dir, lab_dir, str(bundle),
+                                    str(tmp_path / "out_bundle"))
+  assert again["model"]["ras"]["mean"] == pytest.approx(res["model"]["ras"]["mean"])
+  fileio.write_json(str(bundle / "bundle.json"), {"label_names": None})
+  with pytest.raises(DataError, match="bundle has no labelled RAS segmenter"):
+    evaluate.evaluate_folders(config, gen_dir, real_dir, lab_dir, str(bundle), out)
 
   # Bad input, each error names the file or folder at fault.
   empty = str(tmp_path / "empty")

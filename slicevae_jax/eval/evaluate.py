@@ -436,7 +436,6 @@ def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real
                      real_labels_dir: str, segmenter_workdir: str, out_dir: str,
                      name: str | None = None, mesh: Any = None) -> dict[str, Any]:
   """Any model's NIfTI volumes vs real NIfTI volumes with labels, through `evaluate_volumes`.
-
   Args:
     config: the experiment config of `segmenter_workdir` (its `segmenter`, `data.cache_dir`
       and `eval` groups are read).
@@ -446,13 +445,12 @@ def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real
     real_labels_dir: label maps with the same file names as in real_dir, in the segmenter's
       label set (values 0..K-1).
     segmenter_workdir: a workdir whose cache holds the labelled data the RAS segmenter is
-      (or, with eval.train_segmenter, will be) trained on.
+      (or, with eval.train_segmenter, will be) trained on; or a model bundle with one.
     out_dir: where metrics.json, report.md and the PNGs go.
     name: the model's name in the report (default: the generated folder's name).
-
-  Volumes outside [0, 1] are rescaled by their min/max (`data.intensity.to_unit_range`). Raises DataError
-  for an empty or missing folder, a missing label file, or grids that differ between files,
-  between generated and real volumes, or from the segmenter's grid.
+  Volumes outside [0, 1] are rescaled by their min/max (`data.intensity.to_unit_range`).
+  DataError for an empty or missing folder, a missing label file, or grids that differ
+  between files, between generated and real volumes, or from the segmenter's grid.
   """
   e = config.eval
   registration_settings(e)
@@ -474,6 +472,12 @@ def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real
                     f"{real_paths[0]} is {real.shape[1:]}; resample to one grid first")
   labels = nifti.load_label_set(label_paths, real.shape[1:])
 
+  mesh = mesh or parallel.make_mesh()
+  if workdir_lib.is_bundle(segmenter_workdir):   # no cache: the bundle's record and config
+    seg, names = seg_lib.load_bundle_segmenter(config, segmenter_workdir, real.shape[1:], mesh)
+    return evaluate_volumes(config, generated, real, labels, seg, names,
+                            int(config.data.slice_axis), out_dir, mesh=mesh,
+                            name=name or os.path.basename(os.path.normpath(generated_dir)))
   cache_path = workdir_lib.cache_dir(config, segmenter_workdir)
   if not VolumeCache.exists(cache_path):
     raise DataError(f"{cache_path}: no cache in the segmenter workdir {segmenter_workdir}; the "
@@ -485,7 +489,6 @@ def evaluate_folders(config: ml_collections.ConfigDict, generated_dir: str, real
                     f"training grid {tuple(cache.grid)} ({cache_path}); the RAS needs a "
                     f"segmenter trained at the evaluated resolution")
   names = cache.label_names()
-  mesh = mesh or parallel.make_mesh()
   seg = seg_lib.ensure_segmenter(config, segmenter_workdir, cache, mesh)
   name = name or os.path.basename(os.path.normpath(generated_dir))
   source = {"generated_dir": os.path.abspath(generated_dir),

@@ -10,8 +10,9 @@ RAS (metrics/ras.py), its bottleneck features the segmenter Fréchet distance
 """
 
 import math
+import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import dm_pix as pix
 import flax
@@ -23,6 +24,7 @@ import optax
 from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
+from slicevae_jax import fileio
 from slicevae_jax import parallel
 from slicevae_jax import rng
 from slicevae_jax import trainer
@@ -228,16 +230,37 @@ def train_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: Volu
                      rng.key(config.seed, "segmenter_train"))
 
 
-def load_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
-                   mesh=None) -> tuple[UNet, dict[str, Any]]:
-  """(model, variables) of the newest segmenter checkpoint."""
+def load_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache | None,
+                   mesh=None, *, num_classes: int = 0, size: int = 0
+                   ) -> tuple[UNet, dict[str, Any]]:
+  """(model, variables) of the newest segmenter checkpoint of `workdir` (or a model bundle).
+
+  The network's shape comes from the cache (its label names and slice size) or, for a
+  bundle, which has no cache, from `num_classes` and `size`.
+  """
   mesh = mesh or parallel.make_mesh()
-  task, model = segmenter_task(config, cache, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir_lib.segmenter_dir(workdir)),
-                               read_only=True)
-  state = ckpt.restore(task.abstract_state())
-  ckpt.close()
+  if cache is not None:
+    num_classes, size = len(cache.label_names()), int(cache.stack_shape[1])
+  model = build_model(config, num_classes)
+  init = _init_fn(model, optax.adam(config.segmenter.learning_rate), size)
+  directory = workdir_lib.checkpoint_dir(workdir_lib.segmenter_dir(workdir))
+  if workdir_lib.latest_step(workdir_lib.segmenter_dir(workdir)) is None:
+    raise DataError(f"{directory}: no trained RAS segmenter")
+  state, _ = ckpt_lib.restore_trained(directory, trainer.abstract_state(init, mesh))
   return model, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def load_bundle_segmenter(config: ml_collections.ConfigDict, bundle_dir: str,
+                          grid: Sequence[int], mesh=None
+                          ) -> tuple[tuple[UNet, dict[str, Any]], list[str]]:
+  """((model, variables), label names) of a model bundle's RAS segmenter, for volumes of
+  shape `grid` (refused unless it is the bundle's grid)."""
+  names = fileio.read_json(os.path.join(bundle_dir, workdir_lib.BUNDLE_FILE)).get("label_names")
+  g = int(config.data.grid)
+  if not names or tuple(grid) != (g, g, g):
+    raise DataError(f"{bundle_dir}: the bundle has no labelled RAS segmenter, or its grid "
+                    f"{(g, g, g)} differs from the volumes' {tuple(grid)}")
+  return load_segmenter(config, bundle_dir, None, mesh, num_classes=len(names), size=g), names
 
 
 def ensure_segmenter(config: ml_collections.ConfigDict, workdir: str, cache: VolumeCache,
