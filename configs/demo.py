@@ -80,6 +80,9 @@ def get_config(arg=None):
   config.sample.num_volumes = 8
   config.eval.num_real = 16
   config.eval.msssim_pairs = 28          # every distinct pair of 8 samples, on average once
+  # Rows beside the joint model's samples: the paper's per-dimension model on the same
+  # checkpoint and the held-out reconstructions ('long' adds 'rotated'; each row ≈ 1 min).
+  config.eval.latent_models = ("per_dim", "joint")
   # RAS segmenter for the evaluate stage: CPU-sized (the paper's runs use 20 k steps).
   config.segmenter.num_steps = 800
   config.segmenter.eval_every = 400
@@ -89,6 +92,7 @@ def get_config(arg=None):
     config.train.num_steps = 4000
     config.train.eval_every = 1000
     config.train.checkpoint_every = 500
+    config.eval.latent_models = ("per_dim", "joint", "rotated")
     # The amygdala (≈120 voxels a subject at 64³) first appears between 1000 and 1500 steps.
     config.segmenter.num_steps = 2000
     config.segmenter.eval_every = 500
