@@ -22,8 +22,6 @@ reader never sees half a bundle, and an existing `out` is never overwritten.
 """
 
 import datetime
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +32,8 @@ import numpy as np
 
 from slicevae_jax import __version__
 from slicevae_jax import fileio
+from slicevae_jax import metric_writer
+from slicevae_jax import staleness
 from slicevae_jax import workdir as workdir_lib
 from slicevae_jax.data.cache import VolumeCache
 from slicevae_jax.errors import ConfigError, DataError
@@ -71,14 +71,6 @@ _TEMPLATE_NOTICE = (
     "purpose. It is provided \"as is\" without express or implied warranty.")
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _copy_newest_checkpoint(run_dir: str, dest_run_dir: str) -> int:
   step = workdir_lib.latest_step(run_dir)
   if step is None:
@@ -91,16 +83,11 @@ def _copy_newest_checkpoint(run_dir: str, dest_run_dir: str) -> int:
 
 def training_minutes(workdir: str, config: ml_collections.ConfigDict) -> float | None:
   """Training time from the logged throughput (metrics.jsonl): Σ slices logged / slices/s."""
-  path = workdir_lib.metrics_log(workdir)
-  if not os.path.exists(path):
-    return None
   seconds, last = 0.0, 0
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      rec = json.loads(line)
-      if rec.get("slices_per_sec"):
-        seconds += (rec["step"] - last) * int(config.train.batch_size) / rec["slices_per_sec"]
-        last = rec["step"]
+  for rec in metric_writer.read_metrics(workdir):
+    if rec.get("slices_per_sec"):
+      seconds += (rec["step"] - last) * int(config.train.batch_size) / rec["slices_per_sec"]
+      last = rec["step"]
   return seconds / 60 if last else None
 
 
@@ -217,7 +204,7 @@ def export(workdir: str, out: str) -> str:
     for root, _, names in os.walk(tmp):
       for name in sorted(names):
         path = os.path.join(root, name)
-        files[os.path.relpath(path, tmp)] = _sha256(path)
+        files[os.path.relpath(path, tmp)] = staleness.file_sha256(path)
     fileio.write_json(os.path.join(tmp, BUNDLE_FILE), {
         "format_version": FORMAT_VERSION, "slicevae_jax": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -242,6 +229,6 @@ def verify(path: str) -> dict[str, Any]:
     full = os.path.join(path, rel)
     if not os.path.isfile(full):
       raise DataError(f"{full}: missing from the bundle")
-    if _sha256(full) != digest:
+    if staleness.file_sha256(full) != digest:
       raise DataError(f"{full}: content differs from the bundle's record (changed or corrupt)")
   return index
