@@ -290,7 +290,7 @@ def _section(a, runs: dict, argv: list[str]) -> list[str]:
   meta = {fw: next((r for rs in runs.values() for r in rs.get(fw, []) if "version" in r), {})
           for fw in ("torch", "jax")}
   dev = meta["jax"].get("device") or meta["torch"].get("device") or "?"
-  if a.device == "gpu" and meta["torch"].get("device") not in dev:
+  if a.device == "gpu" and (meta["torch"].get("device") or "") not in dev:
     dev = f"torch: {meta['torch'].get('device', '?')}; JAX: {meta['jax'].get('device', '?')}"
   threads = meta["torch"].get("threads")
   lines = [

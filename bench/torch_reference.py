@@ -285,7 +285,7 @@ def load_flax_variables(model: SliceVAE, variables) -> None:
       if tuple(value.shape) != tuple(tensor.shape):
         raise ValueError(f"{coll}/{'/'.join(path)}: flax {value.shape} vs torch "
                          f"{tuple(tensor.shape)}")
-      tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+      tensor.copy_(torch.from_numpy(np.array(value, np.float32)))
       seen.add((coll,) + path)
   flax_leaves = {(c,) + p for c in ("params", "batch_stats") for p in _leaf_paths(variables[c])}
   if seen != flax_leaves:
