@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.bn_momentum = 0.9          # = torch momentum 0.1
   m.skip_double_lrelu = False  # reference quirk: LeakyReLU(0.04) applied twice on the ResUp skip
   m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
+  m.conv_impl = "auto"         # 'auto' | 'xla' | 'patches' | 'small' (models/conv.py)
 
   # --- 3D baselines (model_type != 'slice_vae'; paper §3.1, Kwon et al. 2019) ------
   # Trained whole-volume by the same loop; `train` sets batch size (volumes),
@@ -244,6 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"'train.final_lr_fraction'={t.final_lr_fraction}: need warmup_steps >= 0 "
                       f"and 0 <= final_lr_fraction <= 1")
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+  _choice("model.conv_impl", m.conv_impl, ("auto", "xla", "patches", "small"))
   _choice("latent.model", l.model, LATENT_MODELS)
   g, ls = int(d.grid), int(m.latent_size)
   if ls < 1 or g < 4 * ls or g & (g - 1) or g % ls:

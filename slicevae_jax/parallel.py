@@ -118,19 +118,31 @@ def map_volumes(fn, inputs: np.ndarray, batch: int, mesh: Mesh) -> np.ndarray:
   return np.concatenate(outs)
 
 
+@functools.lru_cache(maxsize=64)
+def _vmapped_stack_fn(per_stack, static: tuple):
+  fn = functools.partial(per_stack, *static) if static else per_stack
+  return jax.jit(jax.vmap(fn, in_axes=(None, 0)))
+
+
 @functools.lru_cache(maxsize=8)
 def _gather_fn(mesh: Mesh):
   """Replicates a sharded result on every device, so every process can read it whole."""
   return jax.jit(lambda x: x, out_shardings=replicated(mesh))
 
 
-def map_stacks(per_stack, variables, stacks: np.ndarray, batch: int, mesh: Mesh) -> np.ndarray:
-  """`per_stack(variables, stack)` for every stack of [N, S, ...], vmapped over volumes.
+def map_stacks(per_stack, variables, stacks: np.ndarray, batch: int, mesh: Mesh,
+               static: tuple = ()) -> np.ndarray:
+  """`per_stack(*static, variables, stack)` for every stack of [N, S, ...], vmapped over volumes.
 
   The one path from volumes to a network applied slice by slice: `per_stack` sees one
   volume's slices [S, ...] as a batch (so BatchNorm in 'volume' mode sees the stack) and
   returns [S, ...] or any per-volume array; chunks of `batch` volumes are sharded over
   the mesh (`map_volumes`). Returns the stacked results [N, ...] on the host.
+
+  `per_stack` should be a module-level function and `static` hashable (a flax module, a
+  shape): the jitted, vmapped function is cached on the pair, so repeated calls (a sample
+  per call in a notebook, every chunk of an evaluation) reuse one compilation instead of
+  tracing a fresh closure each time.
   """
-  run = jax.jit(jax.vmap(per_stack, in_axes=(None, 0)))
+  run = _vmapped_stack_fn(per_stack, tuple(static))
   return map_volumes(lambda x: run(variables, x), np.asarray(stacks), batch, mesh)

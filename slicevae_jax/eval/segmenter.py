@@ -92,13 +92,25 @@ def _init_fn(model: UNet, tx, size: int):
   return init
 
 
+def _segment_stack(model: UNet, variables, stack):
+  """One volume's slices [S, H, W] -> labels [S, H, W] uint8."""
+  logits = model.apply(variables, stack[..., None], train=False)
+  return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+
+def _features_stack(model: UNet, slabs: int, variables, stack):
+  """One volume's slices [S, H, W] -> pooled bottleneck features [slabs * C]."""
+  h = model.apply(variables, stack[..., None], train=False, features=True)   # [S, h, w, C]
+  parts = jnp.array_split(jnp.mean(h, axis=(1, 2)), slabs, axis=0)
+  return jnp.concatenate([jnp.mean(p, axis=0) for p in parts])
+
+
 def segment_volumes(model: UNet, variables, volumes: np.ndarray, slice_axis: int, mesh=None,
                     batch: int = 4) -> np.ndarray:
   """Labels [N, X, Y, Z] uint8 of volumes [N, X, Y, Z], segmented slice by slice."""
-  def segment(v, stack):  # [S, H, W] -> [S, H, W] labels
-    return jnp.argmax(model.apply(v, stack[..., None], train=False), axis=-1).astype(jnp.uint8)
   stacks = to_stack(np.asarray(volumes, np.float32), slice_axis)
-  out = parallel.map_stacks(segment, variables, stacks, batch, mesh or parallel.make_mesh())
+  out = parallel.map_stacks(_segment_stack, variables, stacks, batch,
+                            mesh or parallel.make_mesh(), static=(model,))
   return to_volume(out, slice_axis)
 
 
@@ -126,12 +138,8 @@ def segmenter_features(model: UNet, variables, volumes: np.ndarray, slice_axis: 
   if not 1 <= slabs <= volumes.shape[1 + slice_axis]:
     raise ValueError(f"slabs must be in [1, {volumes.shape[1 + slice_axis]}], got {slabs}")
 
-  def features(v, stack):  # [S, H, W] -> [slabs * C]
-    h = model.apply(v, stack[..., None], train=False, features=True)   # [S, h, w, C]
-    parts = jnp.array_split(jnp.mean(h, axis=(1, 2)), int(slabs), axis=0)
-    return jnp.concatenate([jnp.mean(p, axis=0) for p in parts])
-  out = parallel.map_stacks(features, variables, to_stack(volumes, slice_axis), batch,
-                            mesh or parallel.make_mesh())
+  out = parallel.map_stacks(_features_stack, variables, to_stack(volumes, slice_axis), batch,
+                            mesh or parallel.make_mesh(), static=(model, int(slabs)))
   return np.asarray(out, np.float64)
 
 

@@ -20,20 +20,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from slicevae_jax.models import conv as conv_lib
+
 Array = jax.Array
 
 
 class ConvBN(nn.Module):
-  """3x3 conv (bias, padding 1) -> BatchNorm -> optional LeakyReLU(0.2)."""
+  """3x3 conv (bias, padding 1) -> BatchNorm -> optional LeakyReLU(0.2).
+
+  upsample=True convolves the nearest-x2 upsampled input without storing it
+  (models/conv.py, `upsample2_conv`): same parameters, same function.
+  """
   features: int
   strides: int = 1
   activate: bool = True
   momentum: float = 0.9
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool) -> Array:
-    x = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1, dtype=self.dtype)(x)
+    fn = (conv_lib.upsample_conv_fn(self.conv_impl) if self.upsample
+          else conv_lib.conv_fn(self.conv_impl))
+    x = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1, dtype=self.dtype,
+                conv_general_dilated=fn)(x)
     x = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
                      epsilon=1e-5, dtype=self.dtype)(x)
     return nn.leaky_relu(x, 0.2) if self.activate else x
@@ -45,10 +56,11 @@ class ResDown(nn.Module):
   activate: bool = True
   momentum: float = 0.9
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool) -> Array:
-    kw = dict(momentum=self.momentum, dtype=self.dtype)
+    kw = dict(momentum=self.momentum, dtype=self.dtype, conv_impl=self.conv_impl)
     c_in = x.shape[-1]
     h = ConvBN(c_in, strides=2, **kw)(x, use_running_average)
     h = ConvBN(self.features, activate=self.activate, **kw)(h, use_running_average)
@@ -57,32 +69,46 @@ class ResDown(nn.Module):
 
 
 def _upsample2(x: Array) -> Array:
-  """Nearest-neighbour x2 on [B, H, W, C]."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  """Nearest-neighbour x2 on [B, H, W, C], as one broadcast and reshape."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
 
 
 class ResUp(nn.Module):
-  """Doubles H and W. The convs before the upsampling run at low resolution (cheaper)."""
+  """Doubles H and W.
+
+  main: conv, x2, BN, LReLU, conv BN LReLU; skip: conv, x2, BN, LReLU. Nearest x2
+  commutes with BatchNorm (a channel's mean and variance over the repeated image are
+  those of the image itself) and with LReLU, so both run before the upsampling, on a
+  quarter of the pixels; the main path's second conv reads the upsampled image through
+  four 2x2 phase convolutions (`ConvBN(upsample=True)`), and the skip is upsampled only
+  where it is added: the same function, computed with fewer operations and less memory.
+  """
   features: int
   momentum: float = 0.9
   skip_double_lrelu: bool = False  # reference quirk: LReLU(0.04) twice on the skip
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool) -> Array:
     bn = lambda: nn.BatchNorm(use_running_average=use_running_average,
                               momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
-    conv = lambda c: nn.Conv(c, (3, 3), padding=1, dtype=self.dtype)
+    conv = lambda c: nn.Conv(c, (3, 3), padding=1, dtype=self.dtype,
+                             conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
     c_in = x.shape[-1]
-    h = _upsample2(conv(c_in)(x))
-    h = nn.leaky_relu(bn()(h), 0.2)
-    h = ConvBN(self.features, momentum=self.momentum, dtype=self.dtype)(h, use_running_average)
-    skip = bn()(_upsample2(conv(self.features)(x)))
+    # Submodules are created in the order of the original layout, so parameter names
+    # (and existing checkpoints) are unchanged.
+    h = nn.leaky_relu(bn()(conv(c_in)(x)), 0.2)
+    h = ConvBN(self.features, momentum=self.momentum, dtype=self.dtype,
+               conv_impl=self.conv_impl, upsample=True)(h, use_running_average)
+    skip = bn()(conv(self.features)(x))
     if self.skip_double_lrelu:
       skip = nn.leaky_relu(nn.leaky_relu(skip, 0.04), 0.04)
     else:
       skip = nn.leaky_relu(skip, 0.2)
-    return h + skip
+    return h + _upsample2(skip)
 
 
 def stage_widths(slice_size: int, base_width: int, max_width: int,
@@ -118,9 +144,10 @@ class SliceVAE(nn.Module):
   bn_momentum: float = 0.9
   skip_double_lrelu: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # models/conv.py: 'auto' | 'xla' | 'patches'
 
   def setup(self):
-    kw = dict(momentum=self.bn_momentum, dtype=self.dtype)
+    kw = dict(momentum=self.bn_momentum, dtype=self.dtype, conv_impl=self.conv_impl)
     widths = stage_widths(self.slice_size, self.base_width, self.max_width, self.latent_size)
     self.stem = ConvBN(self.base_width, **kw)
     self.down = [ResDown(w, **kw) for w in widths]
@@ -130,7 +157,8 @@ class SliceVAE(nn.Module):
     up_widths = list(reversed(widths)) + [self.base_width]
     self.up = [ResUp(w, skip_double_lrelu=self.skip_double_lrelu, **kw) for w in up_widths]
     self.out_block = ConvBN(self.base_width, **kw)
-    self.out_conv = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype)
+    self.out_conv = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype,
+                            conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
 
   def _running(self, train: bool) -> bool:
     return (not train) and self.bn_mode == "running"
@@ -166,7 +194,8 @@ def from_config(config) -> SliceVAE:
                   max_width=int(m.max_width), latent_channels=int(m.latent_channels),
                   latent_size=int(m.latent_size), bn_mode=m.bn_mode,
                   bn_momentum=float(m.bn_momentum), skip_double_lrelu=bool(m.skip_double_lrelu),
-                  dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+                  dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+                  conv_impl=m.get("conv_impl", "auto"))
 
 
 def apply_inference(model: SliceVAE, variables, x: Array, method: str) -> Any:

@@ -83,26 +83,29 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None,
                          mesh=mesh)
 
 
+def _encode_stack(model, variables, stack):
+  """One volume's slices [S, H, W] -> posterior means [S, L]."""
+  mu, _ = slice_vae.apply_inference(model, variables, stack[..., None], "encode")
+  return mu.reshape(mu.shape[0], -1)
+
+
+def _decode_stack(model, shape, variables, y):
+  """One volume's latents [S, L] -> slices [S, H, W] in [0, 1]."""
+  x = slice_vae.apply_inference(model, variables, y.reshape((-1,) + shape), "decode")
+  return jnp.clip(x[..., 0], 0.0, 1.0)
+
+
 def encode_stacks(bundle: InferenceBundle, stacks: np.ndarray, batch: int = 8) -> np.ndarray:
   """Posterior means of every slice: [N, S, H, W] -> [N, S, L] (vmapped over volumes)."""
-  model = bundle.model
-
-  def encode(variables, stack):  # [S, H, W] -> [S, L]
-    mu, _ = slice_vae.apply_inference(model, variables, stack[..., None], "encode")
-    return mu.reshape(mu.shape[0], -1)
-  return parallel.map_stacks(encode, bundle.variables, np.asarray(stacks, np.float32), batch,
-                             bundle.mesh)
+  return parallel.map_stacks(_encode_stack, bundle.variables, np.asarray(stacks, np.float32),
+                             batch, bundle.mesh, static=(bundle.model,))
 
 
 def decode_latents(bundle: InferenceBundle, latents: np.ndarray, batch: int = 4) -> np.ndarray:
   """Decodes stacks of latents [N, S, L] into volumes [N, X, Y, Z] in [0, 1]."""
-  model, shape = bundle.model, bundle.latent_shape
-
-  def decode(variables, y):  # [S, L] -> [S, H, W]
-    x = slice_vae.apply_inference(model, variables, y.reshape((-1,) + shape), "decode")
-    return jnp.clip(x[..., 0], 0.0, 1.0)
-  stacks = parallel.map_stacks(decode, bundle.variables, np.asarray(latents, np.float32), batch,
-                               bundle.mesh)
+  stacks = parallel.map_stacks(_decode_stack, bundle.variables,
+                               np.asarray(latents, np.float32), batch, bundle.mesh,
+                               static=(bundle.model, tuple(bundle.latent_shape)))
   return to_volume(stacks, bundle.slice_axis)
 
 

@@ -8,6 +8,7 @@ through the named streams of `rng`, so the resumed run matches an
 uninterrupted one.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -154,19 +155,20 @@ def evaluate(eval_step, state: TrainState, cache: VolumeCache, pairs, batch_size
   return {k: v / count for k, v in totals.items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _grid_images(model: slice_vae.SliceVAE, variables, x: jax.Array, key: jax.Array):
+  """Reconstructions (z = mu) of x and decoded prior draws, clipped to [0, 1]."""
+  mu, _ = slice_vae.apply_inference(model, variables, x, "encode")
+  rec = slice_vae.apply_inference(model, variables, mu, "decode")
+  z = jax.random.normal(key, mu.shape)
+  prior = slice_vae.apply_inference(model, variables, z, "decode")
+  return jnp.clip(rec, 0, 1), jnp.clip(prior, 0, 1)
+
+
 def image_grid(model, state: TrainState, slices_: np.ndarray, key, mesh) -> np.ndarray:
   """Rows: held-out slices, their reconstructions (z = mu), and prior samples."""
   x = jax.device_put(slices_[..., None], parallel.replicated(mesh))
-
-  @jax.jit
-  def run(variables, x, key):
-    mu, _ = slice_vae.apply_inference(model, variables, x, "encode")
-    rec = slice_vae.apply_inference(model, variables, mu, "decode")
-    z = jax.random.normal(key, mu.shape)
-    prior = slice_vae.apply_inference(model, variables, z, "decode")
-    return jnp.clip(rec, 0, 1), jnp.clip(prior, 0, 1)
-
-  rec, prior = jax.device_get(run(state.variables, x, key))
+  rec, prior = jax.device_get(_grid_images(model, state.variables, x, key))
   # Slices of a RAS volume, turned so that superior (or anterior) is up.
   upright = lambda a: np.rot90(a, axes=(-2, -1))
   return viz.grid([upright(slices_), upright(rec[..., 0]), upright(prior[..., 0])])

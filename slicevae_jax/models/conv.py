@@ -1,0 +1,134 @@
+"""How the models' 3x3 convolutions are computed: XLA's convolution, or patches and one matmul.
+
+Both give the same function of the same parameters (`flax.linen.Conv`'s kernel [kh, kw,
+C_in, C_out] and bias), up to float summation order, so a checkpoint trained with one loads
+into the other. They differ in speed:
+
+* 'xla': `lax.conv_general_dilated`, which on a GPU or TPU goes to the vendor's
+  convolution library and is the right choice there.
+* 'patches': the kh·kw shifted (strided) views of the padded input are concatenated along
+  channels, [B, H', W', kh·kw·C_in], and multiplied by the kernel reshaped to
+  [kh·kw·C_in, C_out]. Its gradients are two matmuls and a sum of shifted slices.
+* 'small': 'patches' for images of at most SMALL_IMAGE pixels a side, 'xla' above. XLA's CPU
+  convolutions of the tiny, wide layers (2x2 and 4x4 images of 128-256 channels: the
+  latent heads and the first decoder block) ran at a few GFLOP/s and took over a third of a
+  64² training step; as matmuls they are negligible. On large images XLA's convolution
+  wins (the concatenated patches cost more memory traffic than they save).
+* 'auto': 'small' when the default backend is a CPU, 'xla' otherwise.
+
+`conv_fn(impl)` returns the function to hand to `flax.linen.Conv(conv_general_dilated=...)`.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+CONV_IMPLS = ("auto", "xla", "patches", "small")
+
+
+def patches_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
+                 rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                 precision=None, preferred_element_type=None) -> Array:
+  """`lax.conv_general_dilated` for NHWC inputs and HWIO kernels, as patches @ kernel.
+
+  Supports what the models use: 2D, any kernel size and stride, explicit padding pairs,
+  no dilation, one feature group.
+  """
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    raise ValueError(f"patches_conv is 2D only: lhs {lhs.shape}, rhs {rhs.shape}")
+  if feature_group_count != 1 or any(d not in (None, 1, (1, 1)) for d in
+                                     (lhs_dilation, rhs_dilation)):
+    raise ValueError("patches_conv supports neither dilation nor feature groups")
+  if isinstance(padding, str):
+    raise ValueError("patches_conv needs explicit padding pairs, not " + repr(padding))
+  kh, kw, c_in, c_out = rhs.shape
+  sh, sw = window_strides
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  b, h, w, _ = x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  taps = [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c_in),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  return lax.dot_general(patches, rhs.reshape(kh * kw * c_in, c_out),
+                         (((3,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred_element_type)
+
+
+# Largest image side (pixels) that 'small' computes as patches: the 2x2 and 4x4 layers.
+# Measured at 64², batch 32, one core: thresholds 2, 4, 8 and 16 gave 0.47, 0.41, 0.43 and
+# 0.48 CPU s per training step (XLA's convolution everywhere: 0.73).
+SMALL_IMAGE = 4
+
+
+def small_patches_conv(lhs: Array, rhs: Array, window_strides, padding, **kw) -> Array:
+  """`patches_conv` for images of at most SMALL_IMAGE pixels a side, XLA's otherwise."""
+  if max(lhs.shape[1:3]) <= SMALL_IMAGE:
+    return patches_conv(lhs, rhs, window_strides, padding, **kw)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+
+
+def resolve(impl: str) -> str:
+  """'auto' -> 'small' on a CPU backend, 'xla' elsewhere; others unchanged."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv_impl {impl!r}; expected one of {CONV_IMPLS}")
+  if impl == "auto":
+    return "small" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv_fn(impl: str) -> Callable | None:
+  """The `conv_general_dilated` for flax.linen.Conv: None (XLA's own) or a patches variant."""
+  r = resolve(impl)
+  if r == "small":
+    return small_patches_conv
+  return patches_conv if r == "patches" else None
+
+
+def _phase_kernels(rhs: Array) -> list[tuple[Array, tuple[int, int]]]:
+  """A 3-tap axis of a kernel seen through nearest x2 upsampling: two 2-tap kernels.
+
+  Output pixel 2i + a of conv3(upsample2(y)) reads y at i - 1, i, i (a = 0) or i, i, i + 1
+  (a = 1), so phase 0 is the 2-tap kernel [w0, w1 + w2] on offsets (-1, 0), padded (1, 0),
+  and phase 1 is [w0 + w1, w2] on offsets (0, 1), padded (0, 1). Returns, per phase, the
+  kernel (axis 0 reduced to 2 taps) and its padding.
+  """
+  return [(jnp.stack([rhs[0], rhs[1] + rhs[2]]), (1, 0)),
+          (jnp.stack([rhs[0] + rhs[1], rhs[2]]), (0, 1))]
+
+
+def upsample2_conv(lhs: Array, rhs: Array, window_strides, padding, inner=None,
+                   **kw) -> Array:
+  """3x3 'same' convolution of the nearest-x2 upsampled lhs, without upsampling it.
+
+  Equals conv(upsample2(lhs), rhs) (stride 1, padding 1) up to float summation order, as
+  four 2x2 convolutions of lhs, one per output phase, interleaved: 4 instead of 9
+  multiply-adds per output pixel and channel pair, and the upsampled input is never stored.
+  `inner` computes the phase convolutions (XLA's by default).
+  """
+  if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or \
+      tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
+    raise ValueError("upsample2_conv is for 3x3 kernels, stride 1, padding 1")
+  inner = inner or lax.conv_general_dilated
+  rows = []
+  for k_row, pad_row in _phase_kernels(rhs):
+    cols = []
+    for k, pad_col in _phase_kernels(jnp.swapaxes(k_row, 0, 1)):
+      cols.append(inner(lhs, jnp.swapaxes(k, 0, 1), (1, 1), (pad_row, pad_col), **kw))
+    rows.append(jnp.stack(cols, axis=3))            # [B, H, W, 2 (col phase), C]
+  out = jnp.stack(rows, axis=2)                     # [B, H, 2 (row phase), W, 2, C]
+  b, h, _, w, _, c = out.shape
+  return out.reshape(b, 2 * h, 2 * w, c)
+
+
+def upsample_conv_fn(impl: str) -> Callable:
+  """The `conv_general_dilated` for a flax.linen.Conv applied to an image before its
+  nearest x2 upsampling: the module keeps its parameters, the upsampling is folded in."""
+  inner = conv_fn(impl) or lax.conv_general_dilated
+  return lambda lhs, rhs, window_strides, padding, **kw: upsample2_conv(
+      lhs, rhs, window_strides, padding, inner=inner, **kw)

@@ -1,0 +1,125 @@
+"""The convolution variants of models/conv.py compute XLA's convolution, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from slicevae_jax.models import conv
+from slicevae_jax.models import slice_vae
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _flax_kwargs(x, w):
+  """The keyword arguments flax.linen.Conv passes to its conv_general_dilated."""
+  return dict(lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+              dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, DN),
+              feature_group_count=1, precision=None)
+
+
+@pytest.mark.parametrize("impl", ["patches", "small"])
+@pytest.mark.parametrize("stride,size,c_in,c_out", [(1, 2, 32, 48), (2, 4, 16, 32),
+                                                    (1, 16, 1, 8), (2, 16, 8, 8)])
+def test_conv_fn_matches_xla(impl, stride, size, c_in, c_out):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (3, size, size, c_in))
+  w = jax.random.normal(kw, (3, 3, c_in, c_out))
+  fn = conv.conv_fn(impl)
+  pad = ((1, 1), (1, 1))
+
+  def ours(x, w):
+    return fn(x, w, (stride, stride), pad, **_flax_kwargs(x, w))
+
+  def ref(x, w):
+    return lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
+
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-4, atol=1e-4)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(x, w)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["xla", "patches", "small"])
+def test_upsample_conv_is_conv_of_upsampled(impl):
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (2, 4, 6, 8))   # non-square: rows and columns are separate
+  w = jax.random.normal(kw, (3, 3, 8, 5))
+  pad = ((1, 1), (1, 1))
+
+  def ours(x, w):
+    return conv.upsample_conv_fn(impl)(x, w, (1, 1), pad, **_flax_kwargs(x, w))
+
+  def ref(x, w):
+    return lax.conv_general_dilated(slice_vae._upsample2(x), w, (1, 1), pad,  # pylint: disable=protected-access
+                                    dimension_numbers=DN)
+
+  assert ours(x, w).shape == (2, 8, 12, 5)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-4, atol=1e-4)
+  g_ours = jax.grad(lambda w: jnp.sum(ours(x, w) ** 2))(w)
+  g_ref = jax.grad(lambda w: jnp.sum(ref(x, w) ** 2))(w)
+  np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-2)
+
+
+def test_upsample_conv_rejects_other_convolutions():
+  x, w = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+  with pytest.raises(ValueError, match="3x3 kernels, stride 1"):
+    conv.upsample2_conv(x, w, (2, 2), ((1, 1), (1, 1)))
+
+
+def test_unknown_impl_is_refused():
+  with pytest.raises(ValueError, match="unknown conv_impl"):
+    conv.resolve("cudnn")
+
+
+def test_slice_vae_same_function_under_every_impl():
+  """Same parameters (names, shapes, initial values) and the same outputs for each impl."""
+  x = jax.random.uniform(jax.random.key(2), (4, 16, 16, 1))
+  models = {impl: slice_vae.SliceVAE(16, base_width=4, max_width=16, latent_channels=8,
+                                     conv_impl=impl) for impl in ("xla", "patches", "small")}
+  variables = {k: m.init({"params": jax.random.key(3)}, x[:1], jax.random.key(0), train=False)
+               for k, m in models.items()}
+  ref_leaves = jax.tree.leaves(variables["xla"])
+  for k in ("patches", "small"):
+    assert jax.tree.structure(variables[k]) == jax.tree.structure(variables["xla"])
+    for a, b in zip(jax.tree.leaves(variables[k]), ref_leaves):
+      np.testing.assert_array_equal(a, b)
+  outs = {k: m.apply(variables["xla"], x, jax.random.key(4), train=True,
+                     mutable=["batch_stats"]) for k, m in models.items()}
+  for k in ("patches", "small"):
+    (x_hat, mu, logvar), stats = outs[k]
+    (x_ref, mu_ref, lv_ref), stats_ref = outs["xla"]
+    for a, b in ((x_hat, x_ref), (mu, mu_ref), (logvar, lv_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resup_is_upsample_then_bn():
+  """ResUp computes BN and LReLU before the upsampling: the same as after it (train mode)."""
+  block = slice_vae.ResUp(6, conv_impl="xla")
+  x = jax.random.normal(jax.random.key(5), (3, 4, 4, 5))
+  v = block.init(jax.random.key(6), x, False)
+  p = v["params"]
+  perturb = lambda t: jax.tree.map(lambda a: a + 0.1 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), t)
+  p = perturb(p)
+
+  def conv(h, q):
+    return lax.conv_general_dilated(h, q["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=DN) + q["bias"]
+
+  def bn(h, q):
+    mean, var = jnp.mean(h, axis=(0, 1, 2)), jnp.var(h, axis=(0, 1, 2))
+    return (h - mean) / jnp.sqrt(var + 1e-5) * q["scale"] + q["bias"]
+
+  lrelu = lambda h: jnp.where(h > 0, h, 0.2 * h)
+  up = slice_vae._upsample2  # pylint: disable=protected-access
+  h = lrelu(bn(up(conv(x, p["Conv_0"])), p["BatchNorm_0"]))
+  h = lrelu(bn(conv(h, p["ConvBN_0"]["Conv_0"]), p["ConvBN_0"]["BatchNorm_0"]))
+  skip = lrelu(bn(up(conv(x, p["Conv_1"])), p["BatchNorm_1"]))
+  out, _ = block.apply({"params": p, "batch_stats": v["batch_stats"]}, x, False,
+                       mutable=["batch_stats"])
+  np.testing.assert_allclose(out, h + skip, rtol=1e-4, atol=1e-4)
