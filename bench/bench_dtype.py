@@ -37,8 +37,10 @@ def _train(workdir: str, dtype: str, steps: int, cache: str) -> float:
          f"--workdir={workdir}", "--mode=train", f"--config.model.dtype={dtype}",
          f"--config.train.num_steps={steps}", "--config.train.progress=False",
          f"--config.data.cache_dir={cache}"]
+  # The child sees this interpreter's packages even where sys.executable is not the venv's.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in sys.path if p]))
   t = time.perf_counter()
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  subprocess.run(cmd, cwd=ROOT, check=True, env=env)
   return time.perf_counter() - t
 
 
