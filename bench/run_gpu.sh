@@ -30,14 +30,14 @@ stage() {  # stage NAME SECONDS CMD...
 }
 
 R="$OUT/RESULTS_gpu.md"
-stage slicevae 150 $PY bench/bench_slicevae.py --res 64 128 256 --batch 128 --steps 20 \
+stage slicevae 140 $PY bench/bench_slicevae.py --res 64 128 256 --batch 128 --steps 20 \
   --latent-volumes 100 --sample-volumes 4 --cache-volumes 4 --out "$R"
-stage dtype 120 $PY bench/bench_dtype.py --steps 800 --append --out "$R" \
+stage dtype 110 $PY bench/bench_dtype.py --steps 800 --append --out "$R" \
   --json "$OUT/dtype_curves.json"
-stage torch 240 $PY bench/bench_vs_torch.py --device gpu --res 64 128 256 --batch 32 128 \
+stage torch 180 $PY bench/bench_vs_torch.py --device gpu --res 64 128 256 --batch 32 128 \
   --rounds 2 --steps 20 --jax-cache /tmp/jax_cache --append --out "$R"
-stage bf16 90 $PY bench/bench_slicevae.py --res 64 128 256 --batch 128 --steps 20 \
+stage bf16 80 $PY bench/bench_slicevae.py --res 64 128 256 --batch 128 --steps 20 \
   --latent-volumes 50 --sample-volumes 2 --cache-volumes 2 --dtype bfloat16 --out "$R"
-stage eval 60 $PY bench/bench_eval.py --res 64 128 256 --num-real 4 --pair-batch 4 \
+stage eval 50 $PY bench/bench_eval.py --res 64 128 256 --num-real 4 --pair-batch 4 \
   --results "$R"
 echo "done $(date +%T)" | tee -a "$OUT/log.txt"
