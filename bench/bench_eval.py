@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slicevae_jax import config_lib  # noqa: E402
+from slicevae_jax.eval import evaluate  # noqa: E402
 from slicevae_jax.metrics import ms_ssim, ras, registration  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def main() -> None:
   args = p.parse_args()
   e.reg_levels, e.reg_iters, e.reg_lr, e.similarity = (args.levels, tuple(args.iters), args.lr,
                                                        args.similarity)
-  reg_kwargs = ras.registration_settings(e)
+  reg_kwargs = evaluate.registration_settings(e)
 
   dev = jax.devices()[0]
   rows = []
