@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from slicevae_jax.metrics import registration as reg
+from slicevae_jax.metrics import sampling
 
 GRID = 48
 # Coarse classes from CerebrA, both hemispheres merged (close to the FreeSurfer aseg grouping, data/labels.py).
@@ -164,3 +165,37 @@ def test_shape_mismatch_names_both_shapes():
     reg.dice(np.zeros((2, 3, 4), np.int32), np.zeros((2, 3, 5), np.int32), 3)
   with pytest.raises(ValueError, match="similarity"):
     reg.register_affine(np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), similarity="mi")
+
+
+def _map_coordinates_sample(volume, params, shape, order):
+  """The former sampler: normalised grid -> voxel index -> jax.scipy map_coordinates."""
+  level = volume.shape
+  scale = max(shape) / 2
+  axes = [((jnp.arange(m, dtype=jnp.float32) + 0.5) * (n / m) - n / 2) / scale
+          for n, m in zip(shape, level)]
+  grid = jnp.stack(jnp.meshgrid(*axes, indexing="ij"))
+  m = reg.affine_matrix(params)
+  u = jnp.tensordot(m[:3, :3], grid, axes=1) + m[:3, 3].reshape(3, 1, 1, 1)
+  idx = [(u[d] * scale + shape[d] / 2) * (level[d] / shape[d]) - 0.5 for d in range(3)]
+  return jax.scipy.ndimage.map_coordinates(volume, idx, order=order, mode="constant", cval=0.0)
+
+
+@pytest.mark.parametrize("similarity", reg.SIMILARITIES)
+def test_sampler_and_hand_chain_rule_match_map_coordinates(similarity):
+  # A coarse level (5x6x7 of a 10x12x14 grid) and a transform that moves part of the grid
+  # out of the field of view, so padding and masking are exercised too.
+  rng = np.random.default_rng(0)
+  shape, level = (10, 12, 14), (5, 6, 7)
+  mov, fix = (jnp.asarray(rng.random(level), jnp.float32) for _ in range(2))
+  p = reg.random_affine(jax.random.key(0), max_rotation_deg=20, max_shift=0.3, max_shear=0.1)
+  full = jnp.asarray(rng.random(shape), jnp.float32)
+  for order, atol in ((0, 0.0), (1, 1e-5)):
+    np.testing.assert_allclose(sampling.sample(full, p, shape, order),
+                               _map_coordinates_sample(full, p, shape, order), atol=atol)
+  warped, spatial = sampling.sample_with_grad(sampling.corner_rows(mov), p, shape, level)
+  np.testing.assert_allclose(warped, _map_coordinates_sample(mov, p, shape, 1), atol=1e-5)
+  grad = sampling.param_grad(jax.grad(reg.similarity_loss)(warped, fix, similarity, 3),
+                             spatial, shape)
+  want = jax.grad(lambda q: reg.similarity_loss(_map_coordinates_sample(mov, q, shape, 1), fix,
+                                                similarity, 3))(p)
+  np.testing.assert_allclose(grad, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))

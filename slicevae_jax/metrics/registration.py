@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from slicevae_jax import config_lib
+from slicevae_jax.metrics import sampling
 
 Array = jax.Array
 
@@ -130,39 +131,6 @@ def random_affine(key: Array, *, max_rotation_deg: float = 10.0,
 # Grids and sampling.
 
 
-def _axis_coords(n: int, m: int, scale: float) -> Array:
-  """Normalised coordinates [m] of the voxel centres of an axis of n voxels resampled to m."""
-  j = jnp.arange(m, dtype=jnp.float32)
-  return ((j + 0.5) * (n / m) - n / 2) / scale
-
-
-def _grid(shape: Sequence[int], level_shape: Sequence[int]) -> Array:
-  """Normalised coordinates [3, *level_shape] of a level grid covering the field of `shape`."""
-  scale = max(shape) / 2
-  axes = [_axis_coords(n, m, scale) for n, m in zip(shape, level_shape)]
-  return jnp.stack(jnp.meshgrid(*axes, indexing="ij"))
-
-
-def _sample(volume: Array, params: Array, grid: Array, shape: Sequence[int], order: int) -> Array:
-  """Samples volume [m0, m1, m2] (covering the field of `shape`) at A @ grid + t.
-
-  Args:
-    volume: [m0, m1, m2] moving volume at some resolution level.
-    params: [12].
-    grid: [3, *out] normalised fixed-grid coordinates.
-    shape: the full-resolution grid shape that defines the normalisation.
-    order: 0 (nearest) or 1 (trilinear); outside the volume reads as 0.
-  Returns:
-    [*out] samples.
-  """
-  m = affine_matrix(params)
-  u = jnp.tensordot(m[:3, :3], grid, axes=1) + m[:3, 3].reshape(3, *([1] * (grid.ndim - 1)))
-  scale = max(shape) / 2
-  # Inverse of _axis_coords: normalised coordinate -> continuous voxel index at this level.
-  idx = [(u[d] * scale + shape[d] / 2) * (volume.shape[d] / shape[d]) - 0.5 for d in range(3)]
-  return jax.scipy.ndimage.map_coordinates(volume, idx, order=order, mode="constant", cval=0.0)
-
-
 def _downsample(volume: Array, factor: int) -> Array:
   """[X, Y, Z] -> [ceil(X/f), ...], antialiased, keeping the field of view."""
   if factor == 1:
@@ -182,8 +150,7 @@ def _check_shapes(name_a: str, a: Array, name_b: str, b: Array) -> None:
 @functools.partial(jax.jit, static_argnames=("order",))
 def _warp_batch(volume: Array, params: Array, order: int) -> Array:
   shape = volume.shape[1:]
-  grid = _grid(shape, shape)
-  return jax.vmap(lambda v, p: _sample(v, p, grid, shape, order))(volume, params)
+  return jax.vmap(lambda v, p: sampling.sample(v, p, shape, order))(volume, params)
 
 
 def warp(volume: Array, params: Array, order: int = 1) -> Array:
@@ -268,9 +235,12 @@ def similarity_loss(a: Array, b: Array, kind: str = "ncc", window: int = 5,
 
 def center_of_mass(volume: Array) -> Array:
   """Intensity-weighted centre [3] of a volume [X, Y, Z], in normalised coordinates."""
-  grid = _grid(volume.shape, volume.shape)
   w = jnp.maximum(volume, 0.0)
-  return jnp.tensordot(grid, w, axes=3) / jnp.maximum(jnp.sum(w), 1e-8)
+  coords = sampling.axis_coords(volume.shape, volume.shape)
+  # The grid is separable: weight each axis's coordinates by the sums over the other two.
+  moments = [jnp.sum(w, axis=tuple(a for a in range(3) if a != e)) @ coords[e]
+             for e in range(3)]
+  return jnp.stack(moments) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
 def _register_pair(moving: Array, fixed: Array, init: Array, *, levels: int,
@@ -285,17 +255,22 @@ def _register_pair(moving: Array, fixed: Array, init: Array, *, levels: int,
   for level in range(levels):  # coarse to fine; unrolled, each level has its own shapes
     factor = 2 ** (levels - 1 - level)
     mov, fix = _downsample(moving, factor), _downsample(fixed, factor)
-    grid = _grid(shape, fix.shape)
+    # The moving level's 2x2x2 blocks, built once per level and gathered every step.
+    rows = sampling.corner_rows(mov)
     # Cosine decay to a tenth within each level: large early steps cross the basin, small
     # late ones settle to a fraction of a voxel instead of jittering at the Adam step size.
     opt = optax.adam(optax.cosine_decay_schedule(lr[level], max(iters[level], 1), alpha=0.1))
 
-    def loss_fn(p, mov=mov, fix=fix, grid=grid):
-      return similarity_loss(_sample(mov, p, grid, shape, 1), fix, similarity, window)
+    def grad_fn(p, rows=rows, fix=fix):
+      # The loss's gradient through the warped volume by autodiff (any similarity), then to
+      # the 12 parameters by hand from the sampler's spatial gradient (sampling.param_grad).
+      warped, spatial = sampling.sample_with_grad(rows, p, shape, fix.shape)
+      dloss = jax.grad(similarity_loss)(warped, fix, similarity, window)
+      return sampling.param_grad(dloss, spatial, shape)
 
-    def step(_, carry, opt=opt, loss_fn=loss_fn):
+    def step(_, carry, opt=opt, grad_fn=grad_fn):
       p, state = carry
-      g = jax.grad(loss_fn)(p)
+      g = grad_fn(p)
       updates, state = opt.update(g, state, p)
       return optax.apply_updates(p, updates), state
 
