@@ -281,20 +281,31 @@ def _register_pair(moving: Array, fixed: Array, init: Array, *, levels: int,
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "iters", "lr", "similarity", "window",
-                                             "com_init"))
-def _register_batch(moving: Array, fixed: Array, init: Array, **kw) -> Array:
-  return jax.vmap(functools.partial(_register_pair, **kw))(moving, fixed, init)
+                                             "com_init", "vmap_width"))
+def _register_batch(moving: Array, fixed: Array, init: Array, *, vmap_width: int,
+                    **kw) -> Array:
+  pair = functools.partial(_register_pair, **kw)
+  return jax.lax.map(lambda x: pair(*x), (moving, fixed, init), batch_size=vmap_width)
+
+
+def default_vmap_width(batch: int, platform: str | None = None) -> int:
+  """Pairs registered in lockstep (vmapped) within one call: all of them on an accelerator,
+  one at a time on CPU, where a vmapped batch's gathered blocks no longer stay in cache
+  (64^3, 4 pairs: 2.5x the time per pair of one pair at a time)."""
+  platform = platform or jax.default_backend()
+  return 1 if platform == "cpu" else max(1, batch)
 
 
 def register_affine(moving: Array, fixed: Array, *, levels: int = 3,
                     iters: Sequence[int] = (150, 100, 50), lr: float | Sequence[float] = 0.01,
                     similarity: str = "ncc", window: int = 5, com_init: bool = True,
-                    init: Array | None = None) -> Array:
+                    init: Array | None = None, vmap_width: int | None = None) -> Array:
   """Affinely registers moving volumes to fixed ones, pair by pair.
 
   Multi-resolution: level k (0 = coarsest) works on volumes downsampled by 2**(levels-1-k),
   with iters[k] Adam steps at learning rate lr[k] on the similarity loss of the trilinearly
-  warped moving volume. All levels and pairs run in one jitted, vmapped function.
+  warped moving volume. All levels and pairs run in one jitted function, the pairs vmapped in
+  chunks of `vmap_width`.
 
   Args:
     moving: [X, Y, Z] or [B, X, Y, Z] float volumes in [0, 1] (e.g. generated samples).
@@ -306,6 +317,9 @@ def register_affine(moving: Array, fixed: Array, *, levels: int = 3,
     window: box size for 'lncc'.
     com_init: start from the translation aligning the centres of mass (recommended).
     init: optional starting parameters [12] or [B, 12] (default identity).
+    vmap_width: pairs run in lockstep (vmapped) within the call, the chunks of that many one
+      after another; None: `default_vmap_width` (all pairs on GPU/TPU, 1 on CPU). Results do
+      not depend on it beyond float rounding.
   Returns:
     params [12] or [B, 12] such that warp(moving, params) ~ fixed.
   """
@@ -326,8 +340,11 @@ def register_affine(moving: Array, fixed: Array, *, levels: int = 3,
   batch = moving.shape[0]
   init = identity_params((batch,)) if init is None else jnp.broadcast_to(
       jnp.asarray(init, jnp.float32), (batch, NUM_PARAMS))
+  if vmap_width is None:
+    vmap_width = default_vmap_width(batch)
   params = _register_batch(moving, fixed, init, levels=levels, iters=iters, lr=lrs,
-                           similarity=similarity, window=int(window), com_init=com_init)
+                           similarity=similarity, window=int(window), com_init=com_init,
+                           vmap_width=min(int(vmap_width), batch))
   return params[0] if single else params
 
 
