@@ -243,6 +243,24 @@ def center_of_mass(volume: Array) -> Array:
   return jnp.stack(moments) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
+def level_grad(params: Array, rows: Array, fixed: Array, shape: Sequence[int], similarity: str,
+               window: int) -> Array:
+  """Gradient [12] of the similarity loss at one level: one step's work, for one pair.
+
+  Args:
+    params: [12].
+    rows: the moving level volume as `sampling.corner_rows`.
+    fixed: [*level] fixed level volume.
+    shape: full-resolution grid shape (the normalisation).
+    similarity, window: as `similarity_loss`.
+  The gradient through the warped volume is autodiff's (any similarity); from there to the 12
+  parameters it is the chain rule by hand from the sampler's spatial gradient.
+  """
+  warped, spatial = sampling.sample_with_grad(rows, params, shape, fixed.shape)
+  dloss = jax.grad(similarity_loss)(warped, fixed, similarity, window)
+  return sampling.param_grad(dloss, spatial, shape)
+
+
 def _register_pair(moving: Array, fixed: Array, init: Array, *, levels: int,
                    iters: tuple[int, ...], lr: tuple[float, ...], similarity: str,
                    window: int, com_init: bool) -> Array:
@@ -261,16 +279,9 @@ def _register_pair(moving: Array, fixed: Array, init: Array, *, levels: int,
     # late ones settle to a fraction of a voxel instead of jittering at the Adam step size.
     opt = optax.adam(optax.cosine_decay_schedule(lr[level], max(iters[level], 1), alpha=0.1))
 
-    def grad_fn(p, rows=rows, fix=fix):
-      # The loss's gradient through the warped volume by autodiff (any similarity), then to
-      # the 12 parameters by hand from the sampler's spatial gradient (sampling.param_grad).
-      warped, spatial = sampling.sample_with_grad(rows, p, shape, fix.shape)
-      dloss = jax.grad(similarity_loss)(warped, fix, similarity, window)
-      return sampling.param_grad(dloss, spatial, shape)
-
-    def step(_, carry, opt=opt, grad_fn=grad_fn):
+    def step(_, carry, opt=opt, rows=rows, fix=fix):
       p, state = carry
-      g = grad_fn(p)
+      g = level_grad(p, rows, fix, shape, similarity, window)
       updates, state = opt.update(g, state, p)
       return optax.apply_updates(p, updates), state
 
