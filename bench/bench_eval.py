@@ -187,7 +187,8 @@ def main() -> None:
   e = config_lib.base_config().eval
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--res", type=int, nargs="+", default=[64, 128])
-  p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+  p.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS),
+                 help="what to time (none: only --cost)")
   p.add_argument("--cost", action="store_true", help="XLA cost / memory of the registration")
   p.add_argument("--pair-batch", type=int, default=int(e.pair_batch))
   p.add_argument("--num-real", type=int, default=8, help="M real volumes per RAS volume")

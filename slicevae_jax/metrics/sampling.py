@@ -35,15 +35,27 @@ Array = jax.Array
 _OFFSETS = tuple((dx, dy, dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1))
 
 
-def axis_factors(shape: Sequence[int], level: Sequence[int]) -> tuple[np.ndarray, ...]:
+def grid_slice(stride: int) -> slice:
+  """The level voxels a grid of this stride samples, per axis: stride // 2, + stride, ..."""
+  return slice(stride // 2, None, stride)
+
+
+def grid_shape(level: Sequence[int], stride: int = 1) -> tuple[int, ...]:
+  """Shape of the level grid sampled every `stride` voxels (`grid_slice`)."""
+  return tuple(len(range(stride // 2, m, stride)) for m in level)
+
+
+def axis_factors(shape: Sequence[int], level: Sequence[int],
+                 stride: int = 1) -> tuple[np.ndarray, ...]:
   """Per-axis constants (s, o, k, k0) [3] each, float64.
 
-  x = s * j + o is the normalised coordinate of level voxel j; c = k * u + k0 is the
-  continuous level voxel index of normalised coordinate u (the inverse map for u = x).
+  x = s * j + o is the normalised coordinate of grid point j (level voxel stride * j +
+  stride // 2); c = k * u + k0 is the continuous level voxel index of normalised coordinate u.
   """
   scale = max(shape) / 2
   n, m = np.asarray(shape, np.float64), np.asarray(level, np.float64)
-  return n / m / scale, (0.5 * n / m - n / 2) / scale, scale * m / n, m / 2 - 0.5
+  s, o = n / m / scale, (0.5 * n / m - n / 2) / scale
+  return s * stride, o + s * (stride // 2), scale * m / n, m / 2 - 0.5
 
 
 def axis_coords(shape: Sequence[int], level: Sequence[int]) -> list[Array]:
@@ -53,16 +65,19 @@ def axis_coords(shape: Sequence[int], level: Sequence[int]) -> list[Array]:
           for d, m in enumerate(level)]
 
 
-def voxel_index(params: Array, shape: Sequence[int], level: Sequence[int]) -> list[Array]:
-  """Continuous moving-level voxel indices [*level] x 3 sampled at each fixed-level voxel.
+def voxel_index(params: Array, shape: Sequence[int], level: Sequence[int],
+                stride: int = 1) -> list[Array]:
+  """Continuous moving-level voxel indices [*grid_shape] x 3 sampled at each point of the
+  fixed level's grid (every `stride` voxels).
 
   c = k * (A (s * j + o) + t) + k0, written as c = M j + c0 over an iota j.
   """
-  s, o, k, k0 = (np.asarray(f, np.float32) for f in axis_factors(shape, level))
+  s, o, k, k0 = (np.asarray(f, np.float32) for f in axis_factors(shape, level, stride))
   a = jnp.eye(3, dtype=jnp.float32) + params[:9].reshape(3, 3)
   mat = (k[:, None] * s[None, :]) * a
   off = k * (a @ o + params[9:]) + k0
-  j = [jax.lax.broadcasted_iota(jnp.float32, tuple(level), d) for d in range(3)]
+  grid = grid_shape(level, stride)
+  j = [jax.lax.broadcasted_iota(jnp.float32, grid, d) for d in range(3)]
   return [mat[d, 0] * j[0] + mat[d, 1] * j[1] + mat[d, 2] * j[2] + off[d] for d in range(3)]
 
 
@@ -135,27 +150,30 @@ def sample(volume: Array, params: Array, shape: Sequence[int], order: int) -> Ar
   return jnp.where(inside, out, jnp.zeros_like(out))
 
 
-def sample_with_grad(rows: Array, params: Array, shape: Sequence[int],
-                     level: Sequence[int]) -> tuple[Array, list[Array]]:
-  """Trilinear warp of the volume stored as `corner_rows` -> (value [*level], d value / d
-  voxel index [*level] x 3)."""
-  flat, frac, inside = locate(voxel_index(params, shape, level), level)
+def sample_with_grad(rows: Array, params: Array, shape: Sequence[int], level: Sequence[int],
+                     stride: int = 1) -> tuple[Array, list[Array]]:
+  """Trilinear warp of the level volume stored as `corner_rows`, on the grid of `stride` ->
+  (value [*grid_shape], d value / d voxel index [*grid_shape] x 3)."""
+  flat, frac, inside = locate(voxel_index(params, shape, level, stride), level)
   return trilinear(rows[flat], frac, inside, with_grad=True)
 
 
-def param_grad(dloss: Array, grads: Sequence[Array], shape: Sequence[int]) -> Array:
-  """Chain rule: dL/d(warped) [*level] and d(warped)/dc (3 arrays) -> dL/dparams [12].
+def param_grad(dloss: Array, grads: Sequence[Array], shape: Sequence[int],
+               level: Sequence[int] | None = None, stride: int = 1) -> Array:
+  """Chain rule: dL/d(warped) [*grid] and d(warped)/dc (3 arrays) -> dL/dparams [12].
+
+  level: the moving level's shape (default: the grid's, stride 1).
 
   With h_d = dL/dc_d per voxel and c_d = k_d (sum_e A_de x_e + t_d) + k0_d, x_e = s_e j_e + o_e:
   dL/dA_de = k_d (s_e sum h_d j_e + o_e sum h_d) and dL/dt_d = k_d sum h_d. The sums over
   the grid weighted by j_e reduce the other two axes first.
   """
-  level = dloss.shape
-  s, o, k, _ = (np.asarray(f, np.float32) for f in axis_factors(shape, level))
+  grid = dloss.shape
+  s, o, k, _ = (np.asarray(f, np.float32) for f in axis_factors(shape, level or grid, stride))
   h = jnp.stack([dloss * g for g in grads])                       # [3, *level]
   per_axis = [jnp.sum(h, axis=tuple(1 + a for a in range(3) if a != e)) for e in range(3)]
   total = jnp.sum(per_axis[0], axis=1)                            # [3]
   moments = jnp.stack([p @ jnp.arange(n, dtype=jnp.float32)
-                       for p, n in zip(per_axis, level)], axis=1)  # [3 (d), 3 (e)]
+                       for p, n in zip(per_axis, grid)], axis=1)   # [3 (d), 3 (e)]
   grad_a = k[:, None] * (s[None, :] * moments + o[None, :] * total[:, None])
   return jnp.concatenate([grad_a.reshape(9), k * total])
