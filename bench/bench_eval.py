@@ -84,8 +84,9 @@ def registration_cost(res: int, reg_kwargs: dict, pairs: int) -> dict:
   init = jax.ShapeDtypeStruct((pairs, registration.NUM_PARAMS), np.float32)
   levels, iters = reg_kwargs["levels"], tuple(reg_kwargs["iters"])
   sim = reg_kwargs["similarity"]
+  stride = int(reg_kwargs.get("fine_stride", 1))
   kw = dict(levels=levels, lr=(float(reg_kwargs["lr"]),) * levels, similarity=sim, window=5,
-            com_init=True)
+            com_init=True, fine_stride=stride)
 
   def compiled(steps, width):
     return registration._register_batch.lower(  # pylint: disable=protected-access
@@ -102,7 +103,9 @@ def registration_cost(res: int, reg_kwargs: dict, pairs: int) -> dict:
   for level in range(levels):
     m = math.ceil(res / 2 ** (levels - 1 - level))
     n_rows = (m + 2) ** 3
-    step = jax.jit(jax.vmap(lambda p, r, f: registration.level_grad(p, r, f, (res,) * 3, sim, 5)))
+    level_stride = stride if level == levels - 1 else 1
+    step = jax.jit(jax.vmap(lambda p, r, f, st=level_stride: registration.level_grad(
+        p, r, f, (res,) * 3, sim, 5, st)))
     steps.append(_xla_cost(step.lower(
         init, jax.ShapeDtypeStruct((pairs, n_rows, 8), np.float32),
         jax.ShapeDtypeStruct((pairs, m, m, m), np.float32)).compile()))
@@ -197,6 +200,7 @@ def main() -> None:
   p.add_argument("--iters", type=int, nargs="+", default=list(e.reg_iters))
   p.add_argument("--lr", type=float, default=float(e.reg_lr))
   p.add_argument("--similarity", default=str(e.similarity))
+  p.add_argument("--fine-stride", type=int, default=int(e.reg_fine_stride))
   p.add_argument("--compare-ref", metavar="REF", help="paired comparison with git REF")
   p.add_argument("--rounds", type=int, default=4, help="--compare-ref: rounds per tree")
   p.add_argument("--repeats", type=int, default=2, help="--compare-ref: timed calls per run")
@@ -205,6 +209,7 @@ def main() -> None:
   args = p.parse_args()
   e.reg_levels, e.reg_iters, e.reg_lr, e.similarity = (args.levels, tuple(args.iters), args.lr,
                                                        args.similarity)
+  e.reg_fine_stride = args.fine_stride
   reg_kwargs = evaluate.registration_settings(e)
   if args.compare_ref:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -234,7 +239,8 @@ def main() -> None:
       f"Command: `{cmd.strip()}`",
       "",
       f"Registration: {reg_kwargs['levels']} levels, {list(reg_kwargs['iters'])} Adam steps, "
-      f"lr {reg_kwargs['lr']}, {reg_kwargs['similarity']}; batched = {args.pair_batch} pairs "
+      f"lr {reg_kwargs['lr']}, {reg_kwargs['similarity']}, fine stride "
+      f"{reg_kwargs['fine_stride']}; batched = {args.pair_batch} pairs "
       f"per call (vmap_width {registration.default_vmap_width(args.pair_batch)}); RAS volume "
       f"= 1 generated volume vs M = {args.num_real} real volumes (register + warp labels + "
       f"Dice); MS-SSIM in batches of {args.msssim_batch} pairs. "

@@ -19,6 +19,7 @@ residual to the truth of the self pairs, and mean Dice of the warped labels.
 """
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -69,6 +70,10 @@ def child(args: argparse.Namespace) -> None:
   assert os.path.dirname(os.path.abspath(reg.__file__)).startswith(os.path.abspath(args.root))
   data = np.load(args.data)
   kw = json.loads(args.reg_json)
+  # Settings this tree's register_affine does not know (an older ref) are left out and
+  # reported: e.g. fine_stride 2 for the new tree is then compared with the ref's full grid.
+  known = inspect.signature(reg.register_affine).parameters
+  dropped = {k: kw.pop(k) for k in list(kw) if k not in known}
   run = lambda: jax.block_until_ready(reg.register_affine(data["moving"], data["fixed"], **kw))
   t = time.perf_counter()
   params = run()
@@ -81,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     cpu.append(time.process_time() - c)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump({"params": np.asarray(params).tolist(), "wall": wall, "cpu": cpu,
-               "first": first}, f)
+               "first": first, "dropped": dropped}, f)
 
 
 def _score(data, params: np.ndarray) -> dict:
@@ -135,7 +140,8 @@ def compare(ref: str, res: int, q: int, rounds: int, repeats: int, reg_kwargs: d
   data = np.load(data_path)
   pairs = 2 * q
   med = lambda name, key: statistics.median(t / pairs for run in runs[name] for t in run[key])
-  out = {"res": res, "pairs": pairs, "rounds": rounds, "repeats": repeats, "ref": ref}
+  out = {"res": res, "pairs": pairs, "rounds": rounds, "repeats": repeats, "ref": ref,
+         "settings": reg_kwargs, "ref_ignored": runs["ref"][0]["dropped"]}
   for key in ("wall", "cpu"):
     out[f"ref_{key}_pair_s"], out[f"new_{key}_pair_s"] = med("ref", key), med("new", key)
     out[f"speedup_{key}"] = out[f"ref_{key}_pair_s"] / out[f"new_{key}_pair_s"]
@@ -169,6 +175,7 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=4)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--iters", type=int, nargs="+", default=[150, 100, 50])
+  p.add_argument("--fine-stride", type=int, default=1, help="new tree only, if ref lacks it")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--root", help=argparse.SUPPRESS)
   p.add_argument("--data", help=argparse.SUPPRESS)
@@ -180,7 +187,7 @@ def main() -> None:
     return
   for res in args.res:
     compare(args.ref, res, args.q, args.rounds, args.repeats,
-            {"levels": len(args.iters), "iters": args.iters})
+            {"levels": len(args.iters), "iters": args.iters, "fine_stride": args.fine_stride})
 
 
 if __name__ == "__main__":
