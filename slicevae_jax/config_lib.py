@@ -179,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.reg_fine_stride = 1       # finest level's loss on every n-th voxel per axis; 2: ~4x
                                # faster at 128³, within 0.05 voxel (metrics/registration.py)
   ev.similarity = "ncc"        # 'ncc' | 'lncc' | 'mse'
-  ev.pair_batch = 8            # (generated, real) pairs registered at once (vmapped)
+  ev.pair_batch = 8            # (generated, real) pairs registered per call (vmapped on GPU)
   ev.segment_batch = 4         # volumes segmented at once
   ev.fd_slabs = 1              # segmenter FD: features pooled over this many slabs per volume
   ev.train_segmenter = True    # evaluate_workdir trains (or resumes) a missing segmenter

@@ -177,6 +177,8 @@ def test_shape_mismatch_names_both_shapes():
     reg.dice(np.zeros((2, 3, 4), np.int32), np.zeros((2, 3, 5), np.int32), 3)
   with pytest.raises(ValueError, match="similarity"):
     reg.register_affine(np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), similarity="mi")
+  with pytest.raises(ValueError, match="fine_stride"):
+    reg.register_affine(np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), fine_stride=0)
 
 
 def _map_coordinates_sample(volume, params, shape, order):

@@ -25,17 +25,20 @@ moving level built once per level, computes the voxel indices from an iota (no g
 constant), and takes dL/d(warped) by autodiff but the rest of the chain rule by hand, so
 no gradient runs back through a gather. The pairs of one call run vmapped in lockstep on an
 accelerator and one at a time on CPU (`default_vmap_width`). Against the former
-map_coordinates version the parameters agree to float rounding (embedded brains, 64^3 and
-128^3, self and inter-subject pairs: transforms within 3e-4 voxel, Dice within 2e-5) at
-3-5x less time on CPU (bench/reg_compare.py).
+map_coordinates version the parameters agree to float rounding (embedded brains at 64^3,
+128^3 and 256^3, self and inter-subject pairs: transforms within 3e-4 voxel, Dice within
+2e-5); on a 2-core CPU a pair takes 4.2-4.7x (64^3), 2.8-3.5x (128^3) and 3.3x (256^3:
+105 -> 31 s) less time, and XLA counts 2.2-2.3x fewer FLOPs and bytes per pair
+(bench/reg_compare.py, bench/bench_eval.py --cost).
 
 `fine_stride` > 1 (config eval.reg_fine_stride) takes the finest level's loss on every
-fine_stride-th voxel per axis only, sampling the full-resolution moving volume there: that
-changes the result, within registration tolerance as measured at 128^3 with stride 2 (8
-pairs: transforms within 0.05 voxel RMS / 0.11 max of stride 1, whose own error to known
-truth is 0.08 RMS; inter-subject Dice within 0.001, mean unchanged) for ~4x less time; at
-64^3 it moves them by up to 0.09 voxel (self-pair Dice 0.971 -> 0.969), so 1 stays the
-default.
+fine_stride-th voxel per axis only, sampling the full-resolution moving volume there. That
+changes the result, within registration tolerance as measured with stride 2: at 128^3
+(8 pairs) transforms stay within 0.05 voxel RMS / 0.11 max of stride 1's, whose own error
+to known truth is 0.08 RMS, inter-subject Dice within 0.001 (mean unchanged), for 4x less
+time; at 256^3 (2 pairs) within 0.02 / 0.04 voxel, Dice within 1e-4, 2.8x less time. At
+64^3 it moves them by up to 0.09 voxel (self-pair Dice 0.971 -> 0.969) for 2.4x, so 1
+stays the default.
 """
 
 from __future__ import annotations
@@ -373,6 +376,8 @@ def register_affine(moving: Array, fixed: Array, *, levels: int = 3,
   lrs = tuple(float(x) for x in lr) if isinstance(lr, Sequence) else (float(lr),) * levels
   if len(iters) != levels or len(lrs) != levels:
     raise ValueError(f"iters {iters} and lr {lrs} need one entry per level ({levels})")
+  if int(fine_stride) < 1 or (vmap_width is not None and int(vmap_width) < 1):
+    raise ValueError(f"fine_stride ({fine_stride}) and vmap_width ({vmap_width}) must be >= 1")
   single = moving.ndim == 3
   if single:
     moving, fixed = moving[None], fixed[None]
