@@ -22,6 +22,7 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def compare(ref: str, res: int, q: int, rounds: int, repeats: int, reg_kwargs: d
               flush=True)
   finally:
     subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", ref_root], check=False)
+    shutil.rmtree(tmp, ignore_errors=True)
   data = np.load(data_path)
   pairs = 2 * q
   med = lambda name, key: statistics.median(t / pairs for run in runs[name] for t in run[key])
