@@ -60,11 +60,11 @@ MIN_MS_SSIM_SIZE = 2 ** len(ms_ssim.MS_SSIM_WEIGHTS)
 
 
 def registration_settings(e: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Keyword arguments of `registration.register_affine` from config.eval (reg_levels,
-  reg_iters, reg_lr, similarity), after config_lib.check_eval (part of validate)."""
+  """Keyword arguments of `registration.register_affine` from config.eval (reg_*,
+  similarity), after config_lib.check_eval (part of validate)."""
   config_lib.check_eval(e)
   return dict(levels=int(e.reg_levels), iters=tuple(int(i) for i in e.reg_iters),
-              lr=float(e.reg_lr), similarity=str(e.similarity))
+              lr=float(e.reg_lr), similarity=str(e.similarity), fine_stride=int(e.reg_fine_stride))
 
 
 def _first(volumes: np.ndarray, limit: int) -> np.ndarray:

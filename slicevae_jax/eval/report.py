@@ -106,7 +106,9 @@ def _notes(settings: dict[str, Any]) -> list[str]:
   e = settings["eval"]
   return [
       f"Registration: affine, {e['reg_levels']} levels, {e['reg_iters']} Adam steps, "
-      f"lr {e['reg_lr']}, similarity {e['similarity']}.",
+      f"lr {e['reg_lr']}, similarity {e['similarity']}"
+      + (f", finest level on every {e['reg_fine_stride']}th voxel per axis."
+         if int(e.get("reg_fine_stride", 1)) > 1 else "."),
       f"MMD (Kwon): linear kernel on voxels in [-1, 1], batch {e['mmd_batch']} (lowered to "
       f"the number of real volumes if fewer), {e['mmd_repeats']} passes; a sum over voxels, "
       f"not comparable across grids. MS-SSIM over {e['msssim_pairs']} random distinct pairs.",

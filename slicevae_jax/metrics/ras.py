@@ -5,7 +5,7 @@ of a set of moving volumes [n, X, Y, Z] (generated samples, with labels predicte
 U-Net) and a set of real volumes [M, X, Y, Z] with their own label maps:
 
   1. register the moving volume affinely to the fixed one (`registration.register_affine`,
-     pairs batched with vmap, in chunks of `pair_batch`);
+     `pair_batch` pairs a call: vmapped on an accelerator, one at a time on CPU);
   2. warp the moving volume's predicted labels with the same transform (nearest neighbour);
   3. Dice per label against the fixed volume's labels.
 
