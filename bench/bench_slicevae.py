@@ -103,7 +103,7 @@ def bench_resolution(res: int, batch: int, steps: int, n_latent: int, n_sample: 
   bundle = inference.InferenceBundle(config=config, model=model, variables=variables, step=0,
                                      gaussian=None, meta={"slice_axis": 1}, mesh=mesh)
   stacks = np.random.rand(min(n_latent, 4), res, res, res).astype(np.float32)
-  inference.encode_stacks(bundle, stacks[:1], batch=1)
+  inference.encode_stacks(bundle, stacks, batch=config.latent.encode_batch)  # compile
   t = time.perf_counter()
   inference.encode_stacks(bundle, stacks, batch=config.latent.encode_batch)
   encode_per_vol = (time.perf_counter() - t) / len(stacks)
@@ -116,7 +116,8 @@ def bench_resolution(res: int, batch: int, steps: int, n_latent: int, n_sample: 
 
   # Sampling: latent draw + vmapped decode, per volume.
   bundle.gaussian = lg.fit(y, config.latent.rank)
-  inference.sample_volumes(bundle, jax.random.key(0), 1, batch=1)
+  # Warm up with the timed call's shapes: a different batch would compile again.
+  inference.sample_volumes(bundle, jax.random.key(0), n_sample, batch=min(n_sample, 4))
   t = time.perf_counter()
   inference.sample_volumes(bundle, jax.random.key(1), n_sample, batch=min(n_sample, 4))
   out["sample_s_per_volume"] = (time.perf_counter() - t) / n_sample

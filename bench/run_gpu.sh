@@ -3,8 +3,9 @@
 # a slow stage cannot starve the rest. Results (Markdown sections and raw logs) go to $OUT
 # (default bench/out); copy the sections into bench/RESULTS.md.
 #
-#   bash bench/run_gpu.sh                # everything, about 8 minutes on one H200
-#   STAGES="slicevae torch" bash bench/run_gpu.sh
+#   bash bench/run_gpu.sh                # everything: about 15 minutes on one H200, most of it
+#                                        # compiling (20-35 s per model and resolution)
+#   STAGES="slicevae eval" RES=256 bash bench/run_gpu.sh     # a part, to fit a shorter lease
 #
 # Stages: slicevae (float32 train / input / latent fit / sampling at 64-256, batch 128),
 # dtype (bfloat16 vs float32 loss curve on the demo), torch (bench_vs_torch.py against the
@@ -14,6 +15,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 STAGES=${STAGES:-"slicevae dtype torch bf16 eval"}
+RES=${RES:-"64 128 256"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -30,14 +32,14 @@ stage() {  # stage NAME SECONDS CMD...
 }
 
 R="$OUT/RESULTS_gpu.md"
-stage slicevae 140 $PY bench/bench_slicevae.py --res 64 128 256 --batch 128 --steps 20 \
+stage slicevae 300 $PY bench/bench_slicevae.py --res $RES --batch 128 --steps 20 \
   --latent-volumes 100 --sample-volumes 4 --cache-volumes 4 --out "$R"
-stage dtype 110 $PY bench/bench_dtype.py --steps 800 --append --out "$R" \
+stage dtype 200 $PY bench/bench_dtype.py --steps 800 --append --out "$R" \
   --json "$OUT/dtype_curves.json"
-stage torch 180 $PY bench/bench_vs_torch.py --device gpu --res 64 128 256 --batch 32 128 \
+stage torch 420 $PY bench/bench_vs_torch.py --device gpu --res $RES --batch 32 128 \
   --rounds 2 --steps 20 --jax-cache /tmp/jax_cache --append --out "$R"
-stage bf16 80 $PY bench/bench_slicevae.py --res 64 128 256 --batch 128 --steps 20 \
+stage bf16 200 $PY bench/bench_slicevae.py --res $RES --batch 128 --steps 20 \
   --latent-volumes 50 --sample-volumes 2 --cache-volumes 2 --dtype bfloat16 --out "$R"
-stage eval 50 $PY bench/bench_eval.py --res 64 128 256 --num-real 4 --pair-batch 4 \
+stage eval 150 $PY bench/bench_eval.py --res $RES --num-real 4 --pair-batch 4 --cost \
   --results "$R"
 echo "done $(date +%T)" | tee -a "$OUT/log.txt"
