@@ -19,9 +19,9 @@ def _flax_kwargs(x, w):
               feature_group_count=1, precision=None)
 
 
-@pytest.mark.parametrize("impl", ["patches", "small"])
-@pytest.mark.parametrize("stride,size,c_in,c_out", [(1, 2, 32, 48), (2, 4, 16, 32),
-                                                    (1, 16, 1, 8), (2, 16, 8, 8)])
+@pytest.mark.parametrize("impl,stride,size,c_in,c_out", [
+    ("patches", 1, 16, 1, 8), ("patches", 2, 16, 8, 8),   # above SMALL_IMAGE 'small' is XLA's
+    ("small", 1, 2, 32, 48), ("small", 2, 4, 16, 32)])
 def test_conv_fn_matches_xla(impl, stride, size, c_in, c_out):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (3, size, size, c_in))
@@ -76,20 +76,21 @@ def test_unknown_impl_is_refused():
 
 
 def test_slice_vae_same_function_under_every_impl():
-  """Same parameters (names, shapes, initial values) and the same outputs for each impl."""
+  """Same parameters (names, shapes, initial values) and the same outputs for each impl
+  ('patches' is 'small' on every layer: its convolutions are checked above)."""
   x = jax.random.uniform(jax.random.key(2), (4, 16, 16, 1))
   models = {impl: slice_vae.SliceVAE(16, base_width=4, max_width=16, latent_channels=8,
-                                     conv_impl=impl) for impl in ("xla", "patches", "small")}
+                                     conv_impl=impl) for impl in ("xla", "small")}
   variables = {k: m.init({"params": jax.random.key(3)}, x[:1], jax.random.key(0), train=False)
                for k, m in models.items()}
   ref_leaves = jax.tree.leaves(variables["xla"])
-  for k in ("patches", "small"):
+  for k in ("small",):
     assert jax.tree.structure(variables[k]) == jax.tree.structure(variables["xla"])
     for a, b in zip(jax.tree.leaves(variables[k]), ref_leaves):
       np.testing.assert_array_equal(a, b)
   outs = {k: m.apply(variables["xla"], x, jax.random.key(4), train=True,
                      mutable=["batch_stats"]) for k, m in models.items()}
-  for k in ("patches", "small"):
+  for k in ("small",):
     (x_hat, mu, logvar), stats = outs[k]
     (x_ref, mu_ref, lv_ref), stats_ref = outs["xla"]
     for a, b in ((x_hat, x_ref), (mu, mu_ref), (logvar, lv_ref)):
