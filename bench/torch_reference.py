@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 # Batches of the --check at each resolution (small: it runs on a CPU in seconds).
 CHECK_BATCH = {64: 8, 128: 4, 256: 2}
 
@@ -101,18 +103,6 @@ class ResUp(nn.Module):
     return h + skip
 
 
-def stage_widths(slice_size: int, base_width: int, max_width: int,
-                 latent_size: int) -> list[int]:
-  """Encoder ResDown widths before the heads: base width doubling to max_width, one per halving
-  from slice_size down to 2 * latent_size (the rule of slice_vae.stage_widths; --check
-  compares the two)."""
-  widths, size = [], slice_size
-  while size > 2 * latent_size:
-    widths.append(min(base_width * 2 ** len(widths), max_width))
-    size //= 2
-  return widths
-
-
 class SliceVAE(nn.Module):
   """Slice VAE on NCHW slices [B, 1, H, W] <-> latents [B, 256, 2, 2].
 
@@ -125,6 +115,9 @@ class SliceVAE(nn.Module):
                latent_channels: int = 256, latent_size: int = 2, momentum: float = 0.1,
                skip_double_lrelu: bool = False):
     super().__init__()
+    # The project's own rule for the encoder widths (a pure function; importing it does not
+    # start any JAX backend).
+    from slicevae_jax.models.slice_vae import stage_widths  # pylint: disable=import-outside-toplevel
     widths = stage_widths(slice_size, base_width, max_width, latent_size)
     self.widths = widths
     self.stem = ConvBN(1, base_width, momentum=momentum)
@@ -172,8 +165,6 @@ def from_config(config) -> SliceVAE:
 
 def load_config(res: int):
   """configs/hcp{res}.py (through config_lib, which does not import JAX)."""
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
   from slicevae_jax import config_lib  # pylint: disable=import-outside-toplevel
   return config_lib.load_module(os.path.join(ROOT, "configs", f"hcp{res}.py")).get_config()
 
@@ -342,8 +333,6 @@ def check(res: int, batch: int, tol: float = 1e-4, grad_tol: float = 5e-3, seed:
   fmodel = slice_vae.from_config(config)
   tmodel = from_config(config)
   m = config.model
-  assert tmodel.widths == slice_vae.stage_widths(res, m.base_width, m.max_width,
-                                                 m.latent_size), "stage widths differ"
   rng = np.random.default_rng(seed)
   x0 = jnp.zeros((1, res, res, 1), jnp.float32)
   variables = _perturbed(fmodel.init({"params": jax.random.key(seed)}, x0, jax.random.key(0),
