@@ -17,7 +17,6 @@ Not part of the test suite.
 
 import argparse
 import datetime
-import glob
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -45,12 +45,12 @@ def _train(workdir: str, dtype: str, steps: int, cache: str) -> float:
 
 
 def _records(workdir: str) -> list[dict]:
-  paths = sorted(glob.glob(os.path.join(workdir, "**", "metrics.jsonl"), recursive=True))
-  paths = [p for p in paths if "segmenter" not in p]
-  if not paths:
-    raise FileNotFoundError(f"no metrics.jsonl under {workdir}")
-  with open(paths[0], encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The slice VAE's training log (metrics.jsonl in the workdir)."""
+  from slicevae_jax import metric_writer  # pylint: disable=import-outside-toplevel
+  records = metric_writer.read_metrics(workdir)
+  if not records:
+    raise FileNotFoundError(f"no training log in {workdir}")
+  return records
 
 
 def _series(records: list[dict], key: str) -> dict[int, float]:
