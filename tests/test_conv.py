@@ -1,5 +1,6 @@
 """The convolution variants of models/conv.py compute XLA's convolution, values and gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ from jax import lax
 
 from slicevae_jax.models import conv
 from slicevae_jax.models import slice_vae
+from slicevae_jax.models import unet
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -124,3 +126,37 @@ def test_resup_is_upsample_then_bn():
   out, _ = block.apply({"params": p, "batch_stats": v["batch_stats"]}, x, False,
                        mutable=["batch_stats"])
   np.testing.assert_allclose(out, h + skip, rtol=1e-4, atol=1e-4)
+
+
+class _LiteralUNet(nn.Module):
+  """unet.UNet's layers in their literal order: upsample with jnp.repeat, then convolve."""
+  num_classes: int
+  widths: tuple = (4, 8, 16)
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    skips, h = [], x
+    for i, w in enumerate(self.widths):
+      h = unet.DoubleConv(w)(h, train)
+      if i < len(self.widths) - 1:
+        skips.append(h)
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    for w, skip in zip(reversed(self.widths[:-1]), reversed(skips)):
+      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+      h = nn.Conv(w, (3, 3), padding=1)(h)
+      h = unet.DoubleConv(w)(jnp.concatenate([h, skip], axis=-1), train)
+    return nn.Conv(self.num_classes, (1, 1))(h)
+
+
+def test_unet_up_path_is_upsample_then_conv():
+  """The U-Net's phase-convolution up path: same parameter tree, same logits."""
+  x = jax.random.normal(jax.random.key(7), (2, 16, 16, 1))
+  model = unet.UNet(num_classes=3, widths=(4, 8, 16))
+  v = model.init(jax.random.key(8), x)
+  ref = _LiteralUNet(num_classes=3)
+  assert jax.tree.structure(ref.init(jax.random.key(8), x)) == jax.tree.structure(v)
+  v = jax.tree.map(lambda a: a + 0.1 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), v)
+  for train in (False, True):
+    got = model.apply(v, x, train, mutable=["batch_stats"])[0]
+    want = ref.apply(v, x, train, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,9 @@
 Paper §3.3: a U-Net (Ronneberger et al.) trained on coronal slices of real
 volumes with a Dice loss. Four resolution levels, two 3x3 conv + BatchNorm +
 ReLU per level, max-pooling down, nearest x2 + conv up, skip concatenation.
-With `features=True` the same parameters give the bottleneck activations
+The conv after each x2 upsampling reads the small image through four 2x2 phase
+convolutions (models/conv.py, `upsample2_conv`): the same function of the same
+parameters, without storing the upsampled image. With `features=True` the same parameters give the bottleneck activations
 instead, which eval/segmenter.py pools for the segmenter Fréchet distance.
 """
 
@@ -12,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from slicevae_jax.models import conv as conv_lib
 
 Array = jax.Array
 
@@ -53,7 +57,8 @@ class UNet(nn.Module):
     if features:
       return h.astype(jnp.float32)
     for w, skip in zip(reversed(self.widths[:-1]), reversed(skips)):
-      h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-      h = nn.Conv(w, (3, 3), padding=1, dtype=self.dtype)(h)
+      # conv(upsample2(h)), computed as four phase convolutions of h.
+      h = nn.Conv(w, (3, 3), padding=1, dtype=self.dtype,
+                  conv_general_dilated=conv_lib.upsample_conv_fn("xla"))(h)
       h = DoubleConv(w, self.dtype)(jnp.concatenate([h, skip], axis=-1), train)
     return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(h).astype(jnp.float32)
