@@ -27,19 +27,20 @@ Choices for a CPU budget (the paper's settings are in configs/hcp64.py):
     independent per-entry draws leave out. 'joint' samples are as diverse as the decoder's
     own reconstructions of held-out volumes (0.938 against 0.931 at 4000 steps), 'rotated'
     a little less (0.953). 'joint' fits in a second.
-  * budget: 800 VAE steps and an 800-step RAS U-Net, so the whole run stays within 15
+  * budget: 1600 VAE steps and a 1200-step RAS U-Net, so the whole run stays within 15
     minutes on 2 cores; the evaluation scores the joint samples, the paper's per-dimension
     model on the same checkpoint and the held-out reconstructions beside the real row.
 
-Expected on a 2-core CPU: about 14½ minutes for the README's command (measured 15 min 30 s
-with a third latent-model row, 55 s of it, which the demo no longer scores). Measured scores
-of that run (800 + 800 steps): joint samples MS-SSIM 0.959 against 0.890 for real pairs,
-RAS 0.296 against a real-vs-real bound of 0.686 (the 800-step U-Net has not learnt the
-amygdala yet: Dice 0 there); the paper's per-dimension model 0.997 and RAS 0.316; held-out
-reconstructions MS-SSIM 0.956, PSNR 21.8 dB, RAS 0.296 — the decoder, not the latent model,
-limits the samples at this budget. The samples are brain-shaped and blurred, with faint
-ventricles, little grey/white contrast and slice-to-slice banding, and barely differ from
-each other. The targets of a convincing demo are met by 'long' (below), not in 15 minutes.
+Expected on a 2-core CPU: about 13½ minutes for the README's command (measured 13 min 27 s
+on 2026-11-30; 800 + 800 steps took 14½ minutes before that day's speed-ups and take 8½ now).
+Measured scores of that run (1600 + 1200 steps): joint samples MS-SSIM 0.948 against 0.890
+for real pairs, RAS 0.581 against a real-vs-real bound of 0.752 (every label above 0; the
+ventricles, 0.24, and csf, 0.26, lowest), segmenter FD 0.19; the paper's per-dimension model
+0.997 and RAS 0.610; held-out reconstructions MS-SSIM 0.946, PSNR 23.0 dB, RAS 0.585 — the
+decoder, not the latent model, limits the samples at this budget. The samples are brain-shaped
+and blurred, with ventricles, deep grey nuclei and some grey/white contrast, and differ little
+from each other. (800 + 800 steps: RAS 0.27 against 0.69, amygdala not learnt, PSNR 21.8 dB.)
+The targets of a convincing demo are met by 'long' (below), not in 15 minutes.
 
 Variants:
   smoke  32³, tiny model, 4 steps; the end-to-end test uses it.
@@ -74,7 +75,7 @@ def get_config(arg=None):
   # 16 held-out volumes: two Kwon MMD batches (a spread), 8 + 8 for the RAS upper bound.
   config.data.num_val = 16
   config.train.batch_size = 32
-  config.train.num_steps = 800
+  config.train.num_steps = 1600
   config.train.learning_rate = 2e-3
   config.train.lr_schedule = "cosine"
   config.train.warmup_steps = 50
@@ -93,7 +94,7 @@ def get_config(arg=None):
   # checkpoint and the held-out reconstructions ('long' adds 'rotated'; each row ≈ 1 min).
   config.eval.latent_models = ("per_dim", "joint")
   # RAS segmenter for the evaluate stage: CPU-sized (the paper's runs use 20 k steps).
-  config.segmenter.num_steps = 800
+  config.segmenter.num_steps = 1200
   config.segmenter.eval_every = 400
   config.segmenter.checkpoint_every = 400
   if args.long:
