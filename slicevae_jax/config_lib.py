@@ -28,6 +28,8 @@ LAYOUTS = ("auto", "hcp", "bids", "flat", "csv")
 LABEL_MAPS = ("none", "freesurfer15")
 # The latent model over the stack (slicevae/latent.py): paper §2.1 per_dim, or joint, rotated.
 LATENT_MODELS = ("per_dim", "joint", "rotated")
+# How convolutions are computed (models/conv.py); the same function under each.
+CONV_IMPLS = ("auto", "xla", "patches", "small")
 # Image similarity of the RAS registration (metrics/registration.py).
 SIMILARITIES = ("ncc", "lncc", "mse")
 
@@ -247,7 +249,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"'train.final_lr_fraction'={t.final_lr_fraction}: need warmup_steps >= 0 "
                       f"and 0 <= final_lr_fraction <= 1")
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-  _choice("model.conv_impl", m.conv_impl, ("auto", "xla", "patches", "small"))
+  _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
   _choice("latent.model", l.model, LATENT_MODELS)
   g, ls = int(d.grid), int(m.latent_size)
   if ls < 1 or g < 4 * ls or g & (g - 1) or g % ls:

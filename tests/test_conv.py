@@ -85,20 +85,17 @@ def test_slice_vae_same_function_under_every_impl():
                                      conv_impl=impl) for impl in ("xla", "small")}
   variables = {k: m.init({"params": jax.random.key(3)}, x[:1], jax.random.key(0), train=False)
                for k, m in models.items()}
-  ref_leaves = jax.tree.leaves(variables["xla"])
-  for k in ("small",):
-    assert jax.tree.structure(variables[k]) == jax.tree.structure(variables["xla"])
-    for a, b in zip(jax.tree.leaves(variables[k]), ref_leaves):
-      np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(variables["small"]) == jax.tree.structure(variables["xla"])
+  for a, b in zip(jax.tree.leaves(variables["small"]), jax.tree.leaves(variables["xla"])):
+    np.testing.assert_array_equal(a, b)
   outs = {k: m.apply(variables["xla"], x, jax.random.key(4), train=True,
                      mutable=["batch_stats"]) for k, m in models.items()}
-  for k in ("small",):
-    (x_hat, mu, logvar), stats = outs[k]
-    (x_ref, mu_ref, lv_ref), stats_ref = outs["xla"]
-    for a, b in ((x_hat, x_ref), (mu, mu_ref), (logvar, lv_ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  (x_hat, mu, logvar), stats = outs["small"]
+  (x_ref, mu_ref, lv_ref), stats_ref = outs["xla"]
+  for a, b in ((x_hat, x_ref), (mu, mu_ref), (logvar, lv_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_resup_is_upsample_then_bn():

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from slicevae_jax import config_lib
+
 Array = jax.Array
 
-CONV_IMPLS = ("auto", "xla", "patches", "small")
+CONV_IMPLS = config_lib.CONV_IMPLS   # ('auto', 'xla', 'patches', 'small')
 
 
 def patches_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,

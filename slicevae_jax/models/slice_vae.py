@@ -144,7 +144,7 @@ class SliceVAE(nn.Module):
   bn_momentum: float = 0.9
   skip_double_lrelu: bool = False
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # models/conv.py: 'auto' | 'xla' | 'patches'
+  conv_impl: str = "auto"  # models/conv.py: 'auto' | 'xla' | 'patches' | 'small'
 
   def setup(self):
     kw = dict(momentum=self.bn_momentum, dtype=self.dtype, conv_impl=self.conv_impl)

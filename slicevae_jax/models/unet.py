@@ -5,8 +5,8 @@ volumes with a Dice loss. Four resolution levels, two 3x3 conv + BatchNorm +
 ReLU per level, max-pooling down, nearest x2 + conv up, skip concatenation.
 The conv after each x2 upsampling reads the small image through four 2x2 phase
 convolutions (models/conv.py, `upsample2_conv`): the same function of the same
-parameters, without storing the upsampled image. With `features=True` the same parameters give the bottleneck activations
-instead, which eval/segmenter.py pools for the segmenter Fréchet distance.
+parameters, without storing the upsampled image. With `features=True` the same
+parameters give the bottleneck activations instead, which eval/segmenter.py pools for the segmenter Fréchet distance.
 """
 
 from typing import Any, Sequence
