@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from slicevae_jax import checkpoint as ckpt_lib
@@ -92,6 +93,29 @@ def jit_train_step(step: Callable[..., tuple[Any, Any]], mesh) -> Callable:
 def all_finite(tree) -> jax.Array:
   """True iff every entry of every leaf is finite."""
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]).all()
+
+
+def update_if_finite(finite: jax.Array, update: Callable[[Any], Any], state):
+  """`update(state)` if `finite`, else `state` unchanged; the step counter advances.
+
+  A `lax.cond`: the update (the optimizer's arithmetic over every parameter) runs only
+  when it is kept, and writes in place into the donated state. Selecting leaf by leaf
+  between the old and new state (`guard`) costs a copy of the old state and a select
+  pass over every leaf, about 8% of a 64² slice VAE step on a CPU.
+  """
+  kept = jax.lax.cond(finite, update, lambda s: s, state)
+  return kept.replace(step=state.step + 1)
+
+
+def finite_norm(loss: jax.Array, grads) -> tuple[jax.Array, jax.Array]:
+  """(global L2 norm of `grads`, True iff the loss and that norm are finite).
+
+  A NaN or infinite entry makes the norm non-finite, so one pass over the gradients
+  gives both the logged norm and the check (a norm that overflows float32, entries
+  beyond ~1e19, also counts as non-finite).
+  """
+  norm = optax.tree.norm(grads)
+  return norm, jnp.isfinite(loss) & jnp.isfinite(norm)
 
 
 def guard(old, new, finite: jax.Array):

@@ -3,12 +3,14 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import identifiable_params, make_cache, tiny_config
 from slicevae_jax import checkpoint as ckpt_lib
 from slicevae_jax import parallel
+from slicevae_jax import trainer
 from slicevae_jax.data import slices as slices_lib
 from slicevae_jax.errors import ConfigError, NonFiniteLossError
 from slicevae_jax.metric_writer import read_metrics
@@ -74,6 +76,40 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, m
   state = ckpt.restore(train.abstract_state(model, train.make_optimizer(model_cfg),
                                             parallel.make_mesh()))
   assert all(np.isfinite(p).all() for p in _params(state))
+
+
+def test_finite_norm_flags_nan_and_inf_gradients():
+  g = {"a": jnp.ones((3, 2)), "b": jnp.full((4,), 2.0)}
+  norm, ok = trainer.finite_norm(jnp.float32(1.0), g)
+  assert bool(ok) and float(norm) == pytest.approx(np.sqrt(6 + 16))
+  for bad in (np.nan, np.inf, -np.inf):
+    _, ok = trainer.finite_norm(jnp.float32(1.0), {**g, "b": g["b"].at[2].set(bad)})
+    assert not bool(ok)
+  assert not bool(trainer.finite_norm(jnp.float32(np.nan), g)[1])
+
+
+def test_step_on_a_non_finite_batch_keeps_the_state_and_counts_the_step():
+  cfg = tiny_config()
+  from slicevae_jax.models import slice_vae
+  model, mesh = slice_vae.from_config(cfg), parallel.make_mesh()
+  tx = train.make_optimizer(cfg)
+  step = train.make_train_step(model, tx, 0.2, mesh)
+  x = np.random.default_rng(0).random((16, 16, 16, 1), np.float32)
+  state, m = step(train.create_state(model, tx, mesh, jax.random.key(0)),
+                  parallel.global_batch(x, mesh, 16), jax.random.key(1))
+  assert float(m["finite"]) == 1.0 and int(state.step) == 1
+  leaves = lambda st: [np.asarray(v) for v in jax.tree.leaves(
+      (st.params, st.batch_stats, st.opt_state))]
+  before = leaves(state)
+  for k, poison in enumerate((np.nan, np.inf)):
+    state, m = step(state, parallel.global_batch(x * poison, mesh, 16), jax.random.key(1))
+    assert float(m["finite"]) == 0.0 and int(state.step) == 2 + k
+    for a, b in zip(leaves(state), before):
+      np.testing.assert_array_equal(a, b)
+  # ...and a finite batch afterwards updates the parameters again.
+  state, m = step(state, parallel.global_batch(x, mesh, 16), jax.random.key(1))
+  assert float(m["finite"]) == 1.0
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(state), before))
 
 
 def test_batch_must_divide_over_devices(cache, tmp_path):

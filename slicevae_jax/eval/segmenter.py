@@ -178,12 +178,15 @@ def segmenter_task(config: ml_collections.ConfigDict, cache: VolumeCache, mesh
                                 image, train=True, mutable=["batch_stats"])
       return soft_dice_loss(logits, batch["labels"], k), upd["batch_stats"]
     (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(loss) & trainer.all_finite(grads)
-    new = SegState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                   batch_stats=bs, opt_state=opt_state)
-    return trainer.guard(state, new, finite), {"loss": loss,
-                                               "finite": finite.astype(jnp.float32)}
+    _, finite = trainer.finite_norm(loss, grads)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return state.replace(params=optax.apply_updates(state.params, updates),
+                           batch_stats=bs, opt_state=opt_state)
+
+    return trainer.update_if_finite(finite, update, state), {
+        "loss": loss, "finite": finite.astype(jnp.float32)}
 
   sampler = slices_lib.SliceSampler(cache, cache.split("train"), s.batch_size,
                                     rng.entropy(config.seed, "segmenter_batches"))

@@ -97,15 +97,17 @@ def make_train_step(model: slice_vae.SliceVAE, tx: optax.GradientTransformation,
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves the state as it was: the host stops
     # at its next check, and nothing bad has reached the parameters.
-    finite = jnp.isfinite(loss) & trainer.all_finite(grads)
-    new = trainer.guard(state, TrainState(step=state.step + 1, params=params,
-                                          batch_stats=batch_stats, opt_state=opt_state), finite)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   finite=finite.astype(jnp.float32))
+    grad_norm, finite = trainer.finite_norm(loss, grads)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return state.replace(params=optax.apply_updates(state.params, updates),
+                           batch_stats=batch_stats, opt_state=opt_state)
+
+    new = trainer.update_if_finite(finite, update, state)
+    metrics = dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
     return new, metrics
 
   return trainer.jit_train_step(step, mesh)
