@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from slicevae_jax.models import conv as conv_lib
+from slicevae_jax.models import layers
 
 Array = jax.Array
 
@@ -29,7 +30,10 @@ class ConvBN(nn.Module):
   """3x3 conv (bias, padding 1) -> BatchNorm -> optional LeakyReLU(0.2).
 
   upsample=True convolves the nearest-x2 upsampled input without storing it
-  (models/conv.py, `upsample2_conv`): same parameters, same function.
+  (models/conv.py, `upsample2_conv`): same parameters, same function. The conv and the
+  BatchNorm are models/layers.py's: flax's parameters, with the bias that batch
+  statistics cancel left out of training steps and the normalisation and activation
+  fused.
   """
   features: int
   strides: int = 1
@@ -43,11 +47,11 @@ class ConvBN(nn.Module):
   def __call__(self, x: Array, use_running_average: bool) -> Array:
     fn = (conv_lib.upsample_conv_fn(self.conv_impl) if self.upsample
           else conv_lib.conv_fn(self.conv_impl))
-    x = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1, dtype=self.dtype,
-                conv_general_dilated=fn)(x)
-    x = nn.BatchNorm(use_running_average=use_running_average, momentum=self.momentum,
-                     epsilon=1e-5, dtype=self.dtype)(x)
-    return nn.leaky_relu(x, 0.2) if self.activate else x
+    u, bias = layers.Conv(self.features, strides=self.strides, dtype=self.dtype,
+                          conv_general_dilated=fn)(x, add_bias=False)
+    return layers.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype,
+                            slopes=(0.2,) if self.activate else ())(
+        u, bias, use_running_average)
 
 
 class ResDown(nn.Module):
@@ -93,21 +97,18 @@ class ResUp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool) -> Array:
-    bn = lambda: nn.BatchNorm(use_running_average=use_running_average,
-                              momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
-    conv = lambda c: nn.Conv(c, (3, 3), padding=1, dtype=self.dtype,
-                             conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
+    conv = lambda c: layers.Conv(c, dtype=self.dtype,
+                                 conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
+    bn = lambda slopes: layers.BatchNorm(momentum=self.momentum, epsilon=1e-5,
+                                         dtype=self.dtype, slopes=slopes)
     c_in = x.shape[-1]
     # Submodules are created in the order of the original layout, so parameter names
     # (and existing checkpoints) are unchanged.
-    h = nn.leaky_relu(bn()(conv(c_in)(x)), 0.2)
+    h = bn((0.2,))(*conv(c_in)(x, add_bias=False), use_running_average)
     h = ConvBN(self.features, momentum=self.momentum, dtype=self.dtype,
                conv_impl=self.conv_impl, upsample=True)(h, use_running_average)
-    skip = bn()(conv(self.features)(x))
-    if self.skip_double_lrelu:
-      skip = nn.leaky_relu(nn.leaky_relu(skip, 0.04), 0.04)
-    else:
-      skip = nn.leaky_relu(skip, 0.2)
+    skip_slopes = (0.04, 0.04) if self.skip_double_lrelu else (0.2,)
+    skip = bn(skip_slopes)(*conv(self.features)(x, add_bias=False), use_running_average)
     return h + _upsample2(skip)
 
 
@@ -157,8 +158,8 @@ class SliceVAE(nn.Module):
     up_widths = list(reversed(widths)) + [self.base_width]
     self.up = [ResUp(w, skip_double_lrelu=self.skip_double_lrelu, **kw) for w in up_widths]
     self.out_block = ConvBN(self.base_width, **kw)
-    self.out_conv = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype,
-                            conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
+    self.out_conv = layers.Conv(1, dtype=self.dtype,
+                                conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
 
   def _running(self, train: bool) -> bool:
     return (not train) and self.bn_mode == "running"
@@ -178,7 +179,7 @@ class SliceVAE(nn.Module):
     for block in self.up:
       h = block(h, ra)
     h = self.out_block(h, ra)
-    return self.out_conv(h).astype(jnp.float32)
+    return self.out_conv(h)[0].astype(jnp.float32)
 
   def __call__(self, x: Array, key: Array, train: bool = True) -> tuple[Array, Array, Array]:
     mu, logvar = self.encode(x, train)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from slicevae_jax.models import conv as conv_lib
+from slicevae_jax.models import layers
 
 Array = jax.Array
 
@@ -28,8 +29,8 @@ class DoubleConv(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     for _ in range(2):
       x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
-      x = nn.relu(x)
+      # flax.linen.BatchNorm + ReLU, fused (models/layers.py).
+      x = layers.BatchNorm(momentum=0.9, dtype=self.dtype, slopes=(0.0,))(x, None, not train)
     return x
 
 
