@@ -23,7 +23,9 @@ def _flax_kwargs(x, w):
 
 @pytest.mark.parametrize("impl,stride,size,c_in,c_out", [
     ("patches", 1, 16, 1, 8), ("patches", 2, 16, 8, 8),   # above SMALL_IMAGE 'small' is XLA's
-    ("small", 1, 2, 32, 48), ("small", 2, 4, 16, 32)])
+    ("small", 1, 2, 32, 48), ("small", 2, 4, 16, 32),
+    ("small", 1, 12, 4, 4), ("small", 2, 12, 4, 4), ("small", 1, 12, 8, 1),   # taps
+    ("small", 1, 12, 1, 16)])
 def test_conv_fn_matches_xla(impl, stride, size, c_in, c_out):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (3, size, size, c_in))
@@ -64,6 +66,31 @@ def test_upsample_conv_is_conv_of_upsampled(impl):
   g_ours = jax.grad(lambda w: jnp.sum(ours(x, w) ** 2))(w)
   g_ref = jax.grad(lambda w: jnp.sum(ref(x, w) ** 2))(w)
   np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("c_in,c_out,uses_taps", [(4, 4, True), (1, 16, True), (8, 1, True),
+                                                   (8, 8, False), (16, 1, False)])
+def test_small_takes_taps_only_for_few_channels(c_in, c_out, uses_taps):
+  x, w = jnp.zeros((2, 16, 16, c_in)), jnp.zeros((3, 3, c_in, c_out))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.small_patches_conv(
+      x, w, (1, 1), ((1, 1), (1, 1)), **_flax_kwargs(x, w)))(x, w))
+  assert ("custom_vjp_call" in jaxpr) == uses_taps
+  assert ("conv_general_dilated" in jaxpr.split("custom_vjp_call")[0]) != uses_taps
+
+
+def test_taps_gradients_for_phase_kernels_and_batches_in_chunks(monkeypatch):
+  # A 2x2 kernel with one-sided padding (the phase convolutions of the up path), and a
+  # chunk size that leaves a remainder of the batch.
+  monkeypatch.setattr(conv, "TAPS_CHUNK_BYTES", 2 * 9 * 7 * 3 * 4)
+  x = jax.random.normal(jax.random.key(0), (5, 9, 7, 3))
+  w = jax.random.normal(jax.random.key(1), (2, 2, 3, 4))
+  pad = ((1, 0), (0, 1))
+  ours = lambda x, w: conv.taps_conv(x, w, (1, 1), pad, **_flax_kwargs(x, w))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_upsample_conv_rejects_other_convolutions():
