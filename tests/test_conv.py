@@ -24,8 +24,8 @@ def _flax_kwargs(x, w):
 @pytest.mark.parametrize("impl,stride,size,c_in,c_out", [
     ("patches", 1, 16, 1, 8), ("patches", 2, 16, 8, 8),   # above SMALL_IMAGE 'small' is XLA's
     ("small", 1, 2, 32, 48), ("small", 2, 4, 16, 32),
-    ("small", 1, 12, 4, 4), ("small", 2, 12, 4, 4), ("small", 1, 12, 8, 1),   # taps
-    ("small", 1, 12, 1, 16)])
+    ("small", 1, 64, 4, 4), ("small", 2, 64, 4, 4), ("small", 1, 64, 8, 1),   # taps
+    ("small", 1, 64, 1, 16)])
 def test_conv_fn_matches_xla(impl, stride, size, c_in, c_out):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (3, size, size, c_in))
@@ -68,10 +68,11 @@ def test_upsample_conv_is_conv_of_upsampled(impl):
   np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-2)
 
 
-@pytest.mark.parametrize("c_in,c_out,uses_taps", [(4, 4, True), (1, 16, True), (8, 1, True),
-                                                   (8, 8, False), (16, 1, False)])
-def test_small_takes_taps_only_for_few_channels(c_in, c_out, uses_taps):
-  x, w = jnp.zeros((2, 16, 16, c_in)), jnp.zeros((3, 3, c_in, c_out))
+@pytest.mark.parametrize("size,c_in,c_out,uses_taps", [
+    (64, 4, 4, True), (64, 1, 16, True), (64, 8, 1, True), (64, 8, 8, False),
+    (64, 16, 1, False), (32, 4, 4, False)])
+def test_small_takes_taps_only_for_few_channels_on_large_images(size, c_in, c_out, uses_taps):
+  x, w = jnp.zeros((2, size, size, c_in)), jnp.zeros((3, 3, c_in, c_out))
   jaxpr = str(jax.make_jaxpr(lambda x, w: conv.small_patches_conv(
       x, w, (1, 1), ((1, 1), (1, 1)), **_flax_kwargs(x, w)))(x, w))
   assert ("custom_vjp_call" in jaxpr) == uses_taps
@@ -104,9 +105,12 @@ def test_unknown_impl_is_refused():
     conv.resolve("cudnn")
 
 
-def test_slice_vae_same_function_under_every_impl():
+def test_slice_vae_same_function_under_every_impl(monkeypatch):
   """Same parameters (names, shapes, initial values) and the same outputs for each impl
-  ('patches' is 'small' on every layer: its convolutions are checked above)."""
+  ('patches' is 'small' on every layer: its convolutions are checked above). With taps
+  allowed on 16² images, 'small' runs the stem, the first down block and the output layers
+  as taps."""
+  monkeypatch.setattr(conv, "TAPS_MIN_IMAGE", 16)
   x = jax.random.uniform(jax.random.key(2), (4, 16, 16, 1))
   models = {impl: slice_vae.SliceVAE(16, base_width=4, max_width=16, latent_channels=8,
                                      conv_impl=impl) for impl in ("xla", "small")}

@@ -127,7 +127,7 @@ def taps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None
     x, k = res
     dk = jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
     kh, kw = k.shape[:2]
-    if strides == (1, 1) and _use_taps(k.transpose(0, 1, 3, 2)):
+    if strides == (1, 1) and _use_taps(g, k.transpose(0, 1, 3, 2)):
       # The input gradient of a stride-1 convolution is the convolution of g with the
       # flipped, transposed kernel: as few channels, so taps again.
       (pt, pb), (pl, pr) = pads
@@ -142,18 +142,22 @@ def taps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None
   return conv(lhs, rhs)
 
 
-# Convolutions with at most TAPS_MAX_IN input channels, and at most TAPS_MAX_PRODUCT input
-# times output channels, run as taps on a CPU. Measured forward, one core (XLA / taps, ms):
+# Convolutions of images at least TAPS_MIN_IMAGE pixels a side, with at most TAPS_MAX_IN input
+# channels and at most TAPS_MAX_PRODUCT input times output channels, run as taps on a CPU. Measured forward, one core (XLA / taps, ms):
 # 1->4 at 256² 47 / 2.6; 4->4 at 256² 68 / 16; 4->1 57 / 6.0; 4->8 at 128² 44 / 16;
 # 8->1 at 128² 18 / 9.1; 8->8 at 128² 26 / 25 (a tie: left to XLA); 16->1 at 64² 11 / 32.
+# Below TAPS_MIN_IMAGE pixels a side the convolution is cheap either way, and the unrolled
+# sum only costs compile time.
 TAPS_MAX_IN = 8
 TAPS_MAX_PRODUCT = 32
+TAPS_MIN_IMAGE = 64
 TAPS_CHUNK_BYTES = 1 << 20
 
 
-def _use_taps(rhs: Array) -> bool:
+def _use_taps(lhs: Array, rhs: Array) -> bool:
   c_in, c_out = rhs.shape[2], rhs.shape[3]
-  return c_in <= TAPS_MAX_IN and c_in * c_out <= TAPS_MAX_PRODUCT
+  return (min(lhs.shape[1:3]) >= TAPS_MIN_IMAGE and c_in <= TAPS_MAX_IN
+          and c_in * c_out <= TAPS_MAX_PRODUCT)
 
 
 # Largest image side (pixels) that 'small' computes as patches: the 2x2 and 4x4 layers.
@@ -167,7 +171,7 @@ def small_patches_conv(lhs: Array, rhs: Array, window_strides, padding, **kw) ->
   layers of very few channels, XLA's otherwise."""
   if max(lhs.shape[1:3]) <= SMALL_IMAGE:
     return patches_conv(lhs, rhs, window_strides, padding, **kw)
-  if _use_taps(rhs):
+  if _use_taps(lhs, rhs):
     return taps_conv(lhs, rhs, window_strides, padding, **kw)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
 
