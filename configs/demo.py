@@ -34,9 +34,12 @@ Choices for a CPU budget (the paper's settings are in configs/hcp64.py):
 Expected on a 2-core CPU: about 13½ minutes for the README's command (measured 13 min 27 s
 on 2026-11-30; 800 + 800 steps took 14½ minutes before that day's speed-ups and take 8½ now).
 Measured scores of that run (1600 + 1200 steps): joint samples MS-SSIM 0.948 against 0.890
-for real pairs, RAS 0.581 against a real-vs-real bound of 0.752 (every label above 0; the
-ventricles, 0.24, and csf, 0.26, lowest), segmenter FD 0.19; the paper's per-dimension model
-0.997 and RAS 0.610; held-out reconstructions MS-SSIM 0.946, PSNR 23.0 dB, RAS 0.585 — the
+for real pairs, RAS 0.581 against a real-vs-real bound of 0.752, segmenter FD 0.19. Rerun on
+main after the fused BatchNorm and guard changes (same day; same function, other rounding):
+MS-SSIM 0.948, RAS 0.492 against a bound of 0.735, FD 0.29, reconstructions PSNR 23.0 dB and
+RAS 0.499, U-Net validation Dice 0.835 (was 0.855): at 1200 U-Net steps RAS moves by about
+0.1 with rounding alone. The paper's per-dimension model MS-SSIM 0.997; in the first run
+held-out reconstructions MS-SSIM 0.946, PSNR 23.0 dB, RAS 0.585 — the
 decoder, not the latent model, limits the samples at this budget. The samples are brain-shaped
 and blurred, with ventricles, deep grey nuclei and some grey/white contrast, and differ little
 from each other. (800 + 800 steps: RAS 0.27 against 0.69, amygdala not learnt, PSNR 21.8 dB.)
