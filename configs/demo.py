@@ -37,8 +37,8 @@ Measured scores of that run (1600 + 1200 steps): joint samples MS-SSIM 0.948 aga
 for real pairs, RAS 0.581 against a real-vs-real bound of 0.752, segmenter FD 0.19. Rerun on
 main after the fused BatchNorm and guard changes (same day; same function, other rounding):
 MS-SSIM 0.948, RAS 0.492 against a bound of 0.735, FD 0.29, reconstructions PSNR 23.0 dB and
-RAS 0.499, U-Net validation Dice 0.835 (was 0.855): at 1200 U-Net steps RAS moves by about
-0.1 with rounding alone. The paper's per-dimension model MS-SSIM 0.997; in the first run
+RAS 0.499, U-Net validation Dice 0.835 (was 0.855): the VAE's PSNR and MS-SSIM did not move;
+RAS, read through a 1200-step U-Net, did (not yet separated: U-Net or VAE). The paper's per-dimension model MS-SSIM 0.997; in the first run
 held-out reconstructions MS-SSIM 0.946, PSNR 23.0 dB, RAS 0.585 — the
 decoder, not the latent model, limits the samples at this budget. The samples are brain-shaped
 and blurred, with ventricles, deep grey nuclei and some grey/white contrast, and differ little
