@@ -35,6 +35,30 @@ Array = jax.Array
 CONV_IMPLS = config_lib.CONV_IMPLS   # ('auto', 'xla', 'patches', 'small')
 
 
+def _check_supported(name: str, lhs: Array, rhs: Array, padding, lhs_dilation,
+                     rhs_dilation, feature_group_count: int) -> None:
+  """What the matmul and taps forms support: 2D, explicit padding, no dilation or groups."""
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    raise ValueError(f"{name} is 2D only: lhs {lhs.shape}, rhs {rhs.shape}")
+  if feature_group_count != 1 or any(d not in (None, 1, (1, 1)) for d in
+                                     (lhs_dilation, rhs_dilation)):
+    raise ValueError(f"{name} supports neither dilation nor feature groups")
+  if isinstance(padding, str):
+    raise ValueError(f"{name} needs explicit padding pairs, not " + repr(padding))
+
+
+def _shifted_views(lhs: Array, kh: int, kw: int, window_strides, padding) -> list[Array]:
+  """The kh·kw strided views of the padded NHWC lhs that a convolution's taps read, row-major."""
+  sh, sw = window_strides
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  b, h, w, c = x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
 def patches_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
                  rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                  precision=None, preferred_element_type=None) -> Array:
@@ -43,22 +67,10 @@ def patches_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=N
   Supports what the models use: 2D, any kernel size and stride, explicit padding pairs,
   no dilation, one feature group.
   """
-  if lhs.ndim != 4 or rhs.ndim != 4:
-    raise ValueError(f"patches_conv is 2D only: lhs {lhs.shape}, rhs {rhs.shape}")
-  if feature_group_count != 1 or any(d not in (None, 1, (1, 1)) for d in
-                                     (lhs_dilation, rhs_dilation)):
-    raise ValueError("patches_conv supports neither dilation nor feature groups")
-  if isinstance(padding, str):
-    raise ValueError("patches_conv needs explicit padding pairs, not " + repr(padding))
+  _check_supported("patches_conv", lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                   feature_group_count)
   kh, kw, c_in, c_out = rhs.shape
-  sh, sw = window_strides
-  (pt, pb), (pl, pr) = padding
-  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  b, h, w, _ = x.shape
-  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-  taps = [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c_in),
-                    (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
+  taps = _shifted_views(lhs, kh, kw, window_strides, padding)
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   return lax.dot_general(patches, rhs.reshape(kh * kw * c_in, c_out),
                          (((3,), (0,)), ((), ())), precision=precision,
@@ -69,19 +81,12 @@ def _taps_forward(lhs: Array, rhs: Array, window_strides, padding) -> Array:
   if lhs.ndim == 3:
     return _taps_forward(lhs[None], rhs, window_strides, padding)[0]
   kh, kw, c_in, c_out = rhs.shape
-  sh, sw = window_strides
-  (pt, pb), (pl, pr) = padding
-  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  b, h, w, _ = x.shape
-  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  weights = rhs.reshape(kh * kw, c_in, c_out)     # row-major taps, as _shifted_views
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c_in),
-                      (1, sh, sw, 1))
-      for c in range(c_in):
-        term = tap[..., c:c + 1] * rhs[i, j, c]
-        out = term if out is None else out + term
+  for t, tap in enumerate(_shifted_views(lhs, kh, kw, window_strides, padding)):
+    for c in range(c_in):
+      term = tap[..., c:c + 1] * weights[t, c]
+      out = term if out is None else out + term
   return out
 
 
@@ -104,10 +109,8 @@ def taps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None
   gradient is XLA's convolution gradient (a custom_vjp), so training keeps its backward
   pass and gains the forward. Same restrictions as `patches_conv`.
   """
-  if lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or any(
-      d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)) or isinstance(
-          padding, str):
-    raise ValueError("taps_conv is 2D NHWC/HWIO with explicit padding, no dilation or groups")
+  _check_supported("taps_conv", lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                   feature_group_count)
   strides, pads = tuple(window_strides), tuple(map(tuple, padding))
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
 
