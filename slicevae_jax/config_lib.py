@@ -32,6 +32,8 @@ LATENT_MODELS = ("per_dim", "joint", "rotated")
 CONV_IMPLS = ("auto", "xla", "patches", "small")
 # Image similarity of the RAS registration (metrics/registration.py).
 SIMILARITIES = ("ncc", "lncc", "mse")
+# Training loss of the RAS segmenter (eval/segmenter.py).
+SEGMENTER_LOSSES = ("dice", "dice_ce")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -166,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
   sg.num_eval_volumes = 8      # held-out volumes for the per-label validation Dice
   sg.augment_blur_max = 0.0    # > 0: train on slices blurred up to this σ (pixels) and
                                # gamma-shifted (eval/segmenter.augment); 0 = real slices as they are
+  sg.loss = "dice"             # 'dice' (the paper's soft Dice) | 'dice_ce' (+ cross-entropy: a
+                               # small label cannot die early in a short run; eval/segmenter.py)
   sg.progress = True
 
   # --- evaluation: MMD, MS-SSIM, RAS, segmenter FD (paper §2.2, §4) ---------------
@@ -251,6 +255,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
   _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
   _choice("latent.model", l.model, LATENT_MODELS)
+  _choice("segmenter.loss", config.segmenter.loss, SEGMENTER_LOSSES)
   g, ls = int(d.grid), int(m.latent_size)
   if ls < 1 or g < 4 * ls or g & (g - 1) or g % ls:
     raise ConfigError(

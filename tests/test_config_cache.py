@@ -27,7 +27,8 @@ def test_grid_the_model_cannot_take(grid):
 
 
 @pytest.mark.parametrize("key,value", [("model.bn_mode", "batch"), ("data.source", "web"),
-                                       ("data.cache_dtype", "int16"), ("data.slice_axis", 3)])
+                                       ("data.cache_dtype", "int16"), ("data.slice_axis", 3),
+                                       ("segmenter.loss", "focal")])
 def test_bad_choice_is_named(key, value):
   c = config_lib.base_config()
   group, name = key.split(".")

@@ -228,3 +228,19 @@ def test_kwon_mmd_without_spread_is_flagged_not_reported_as_zero_std():
   row = evaluate._kwon_row(varied, 4, 5, n=4, m=8)
   assert not row["degenerate"] and row["std"] > 0
   assert "±" in report_lib.table_markdown([{"name": "m", "mmd_kwon": row}], None)
+
+
+def test_report_warns_about_labels_the_segmenter_misses(tmp_path):
+  row = {"name": "m", "ras": {"mean": 0.5, "per_label": {"gm": 0.6, "wm": 0.7, "tiny": 0.4}}}
+  real = {"name": "Real", "ras": {"mean": 0.8, "per_label": {"gm": 0.9, "wm": 0.9, "tiny": 0.6}}}
+  names = ["background", "gm", "wm", "tiny"]
+  text = open(report_lib.write_report([row], real, str(tmp_path / "ok"), label_names=names),
+              encoding="utf-8").read()
+  assert report_lib.missed_labels(real) == [] and "misses" not in text
+  real["ras"]["per_label"]["tiny"] = 0.0          # found by no real-vs-real pair
+  real["ras"]["per_label"]["wm"] = None           # absent from every volume: not a miss
+  assert report_lib.missed_labels(real) == ["tiny"]
+  text = open(report_lib.write_report([row], real, str(tmp_path / "miss"), label_names=names),
+              encoding="utf-8").read()
+  assert "The RAS segmenter misses 1 label(s) on real volumes**: tiny" in text
+  assert report_lib.missed_labels(None) == []

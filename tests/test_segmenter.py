@@ -22,6 +22,37 @@ def test_soft_dice_loss_is_zero_for_perfect_logits_and_one_for_wrong():
   assert float(segmenter.soft_dice_loss(wrong, labels, 3)) > 0.99
 
 
+def test_dice_ce_keeps_a_gradient_for_a_label_the_network_stopped_predicting():
+  labels = jnp.array(np.random.default_rng(0).integers(0, 3, (2, 8, 8)))
+  logits = jnp.array(np.random.default_rng(1).normal(size=(2, 8, 8, 3)), jnp.float32)
+  logits = logits.at[..., 2].set(-30.0)     # label 2 present, predicted nowhere
+  dice = segmenter.segmenter_loss(logits, labels, 3, "dice")
+  assert float(dice) == pytest.approx(float(segmenter.soft_dice_loss(logits, labels, 3)))
+  ce = float(segmenter.segmenter_loss(logits, labels, 3, "dice_ce")) - float(dice)
+  q = np.asarray(jax.nn.one_hot(labels, 3))
+  want = -np.mean(np.sum(q * np.asarray(jax.nn.log_softmax(logits)), -1))
+  assert ce == pytest.approx(want, rel=1e-4) and ce > 5
+  grad = lambda kind: jax.grad(lambda lg: segmenter.segmenter_loss(lg, labels, 3, kind))(logits)
+  on_missed = lambda g: float(jnp.abs(jnp.where(labels == 2, g[..., 2], 0.0)).sum())
+  # The softmax saturates: Dice alone hands the dead label's logits almost nothing back;
+  # the cross-entropy gives each of its pixels (p - q) / N, about -1/N.
+  assert on_missed(grad("dice")) < 1e-9
+  assert on_missed(grad("dice_ce")) == pytest.approx(float((labels == 2).sum()) / labels.size,
+                                                     rel=1e-3)
+  with pytest.raises(ValueError, match="focal"):
+    segmenter.segmenter_loss(logits, labels, 3, "focal")
+
+
+def test_variables_digest_names_the_trained_network():
+  v = {"params": {"a": jnp.ones((2, 3)), "b": jnp.zeros(3)}, "batch_stats": {"m": jnp.ones(2)}}
+  d = segmenter.variables_digest(v)
+  assert d == segmenter.variables_digest(jax.tree.map(jnp.array, v)) and len(d) == 64
+  assert d != segmenter.variables_digest(
+      {**v, "params": {**v["params"], "b": v["params"]["b"].at[1].set(1e-7)}})
+  assert d != segmenter.variables_digest({**v, "params": {"a": v["params"]["b"],
+                                                          "b": v["params"]["a"]}})
+
+
 def test_dice_per_label():
   a = np.array([0, 1, 1, 2, 2, 2])
   b = np.array([0, 1, 2, 2, 2, 0])

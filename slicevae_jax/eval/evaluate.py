@@ -153,6 +153,11 @@ def score_real(config: ml_collections.ConfigDict, real: Any, real_labels: Any,
                        "per_label": _label_dict(label_names, upper["per_label"]),
                        "num_pairs": upper["num_pairs"], "moving": half, "fixed": m - half}
     real_row["_dice"] = upper["dice"]
+    missed = report.missed_labels(real_row)
+    if missed:
+      logging.warning("the RAS segmenter misses %s on real volumes (real-vs-real Dice < %g): "
+                      "RAS says nothing about them; train it longer or with "
+                      "segmenter.loss='dice_ce'", ", ".join(missed), report.MISSED_DICE)
   else:
     logging.warning("RAS upper bound skipped: it needs at least 2 real volumes, got %d", m)
   if half >= 2:
@@ -332,9 +337,9 @@ def real_row_for(config: ml_collections.ConfigDict, workdir: str, real: np.ndarr
                  slice_axis: int, identity: dict[str, Any], mesh: Any = None) -> dict[str, Any]:
   """`score_real` of the workdir's real set, computed once and reused while it is current.
 
-  `identity` names what the row depends on (real volumes, segmenter step); with the eval
-  settings it is stored beside the row in <workdir>/eval/real_row.json (the per-pair Dice in
-  real_row_dice.npz), and a later call with the same identity reads the row back instead of
+  `identity` names what the row depends on (real volumes, the segmenter's step and a digest
+  of its variables); with the eval settings it is stored beside the row in
+  <workdir>/eval/real_row.json (the per-pair Dice in real_row_dice.npz), and a later call with the same identity reads the row back instead of
   registering the real pairs again.
   """
   out_dir = workdir_lib.eval_dir(workdir)
@@ -388,7 +393,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
   real_row = real_row_for(config, workdir, real, labels, names, seg, cache.slice_axis,
                           {"real": val_ids, "cache": os.path.abspath(cache.path),
                            "segmenter_step": workdir_lib.latest_step(
-                               workdir_lib.segmenter_dir(workdir))}, mesh)
+                               workdir_lib.segmenter_dir(workdir)),
+                           "segmenter_sha256": seg_lib.variables_digest(seg[1])}, mesh)
 
   # The extra rows need the trained slice VAE (a folder of samples alone gets one row).
   slice_vae = (config.model_type == "slice_vae"

@@ -284,6 +284,28 @@ def _link(row: dict[str, Any], filename: str, out_dir: str) -> str:
   return os.path.relpath(os.path.join(folder, filename), os.path.abspath(out_dir))
 
 
+# A label whose real-vs-real RAS Dice is below this is one the segmenter does not find on
+# real volumes (a well-trained one scores 0.4-0.9 per label after affine registration).
+MISSED_DICE = 0.1
+
+
+def missed_labels(real_row: dict[str, Any] | None) -> list[str]:
+  """Labels of the Real row's RAS below MISSED_DICE: structures the segmenter misses."""
+  per = ((real_row or {}).get("ras") or {}).get("per_label") or {}
+  return [name for name, v in per.items() if v is not None and v < MISSED_DICE]
+
+
+def _segmenter_warning(real_row: dict[str, Any] | None) -> list[str]:
+  missed = missed_labels(real_row)
+  if not missed:
+    return []
+  return [f"**The RAS segmenter misses {len(missed)} label(s) on real volumes**: "
+          f"{', '.join(missed)} score below {MISSED_DICE} Dice from real to real. Every "
+          "row's RAS (and the Real row's bound) is lowered by them and says nothing about "
+          "those structures. Train the segmenter longer or with `segmenter.loss='dice_ce'` "
+          "(delete `segmenter/` in the workdir to retrain it).", ""]
+
+
 def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None, out_dir: str,
                  *, label_names: list[str] | None = None, title: str = "Evaluation",
                  notes: list[str] | None = None, sections: list[str] | None = None) -> str:
@@ -313,6 +335,7 @@ def write_report(results: list[dict[str, Any]], real_row: dict[str, Any] | None,
            + ", ".join(f"{r['name']}: {r.get('num_generated', '?')} generated" for r in results)
            + f"; {results[0].get('num_real', '?')} real held-out volumes.", ""]
   md += ["## Table 1", "", table_markdown(results, real_row)]
+  md += _segmenter_warning(real_row)
   md += _reading_notes(results)
   md += [
       "MMD (Kwon): Kwon et al.'s minibatch MMD, mean ± std over passes (lower is closer to "
