@@ -98,6 +98,10 @@ def get_config(arg=None):
   config.eval.latent_models = ("per_dim", "joint")
   # RAS segmenter for the evaluate stage: CPU-sized (the paper's runs use 20 k steps).
   config.segmenter.num_steps = 1200
+  # Dice + cross-entropy: with Dice alone, whether 4-5 small labels die in 1200 steps
+  # depended on the seed (validation Dice 0.84 / 0.61 for seeds 0 / 1); with it every label
+  # was learnt for seeds 0, 1, 2 (0.85, 0.86, 0.86).
+  config.segmenter.loss = "dice_ce"
   config.segmenter.eval_every = 400
   config.segmenter.checkpoint_every = 400
   if args.long:
