@@ -127,11 +127,30 @@ def test_slice_vae_same_function_under_every_impl(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # 'small' runs ResDown's two stride-2 convolutions as one: the same at inference, with non-zero conv biases and running statistics, and the
+  # same gradients.
+  assert conv.fuse_siblings("small") and not conv.fuse_siblings("xla")
+  shifted = {"params": jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size) + 1.0)
+                                    .reshape(a.shape), variables["xla"]["params"]),
+             "batch_stats": stats_ref["batch_stats"]}
+  evals = {k: m.apply(shifted, x, jax.random.key(4), train=False) for k, m in models.items()}
+  for a, b in zip(evals["small"], evals["xla"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+  def loss(params, model):
+    (y, m_, lv), _ = model.apply({"params": params, "batch_stats": shifted["batch_stats"]}, x,
+                                 jax.random.key(4), train=True, mutable=["batch_stats"])
+    return jnp.sum((y - x) ** 2) + jnp.sum(m_ ** 2) + jnp.sum(jnp.exp(lv))
+  grads = {k: jax.grad(loss)(shifted["params"], m) for k, m in models.items()}
+  assert jax.tree.structure(grads["small"]) == jax.tree.structure(grads["xla"])
+  for a, b in zip(jax.tree.leaves(grads["small"]), jax.tree.leaves(grads["xla"])):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(jnp.abs(b).max()) + 1e-6)
 
 
-def test_resup_is_upsample_then_bn():
+@pytest.mark.parametrize("impl", ["xla", "small"])
+def test_resup_is_upsample_then_bn(impl):
   """ResUp computes BN and LReLU before the upsampling: the same as after it (train mode)."""
-  block = slice_vae.ResUp(6, conv_impl="xla")
+  block = slice_vae.ResUp(6, conv_impl=impl)
   x = jax.random.normal(jax.random.key(5), (3, 4, 4, 5))
   v = block.init(jax.random.key(6), x, False)
   p = v["params"]

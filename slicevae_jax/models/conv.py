@@ -188,6 +188,15 @@ def resolve(impl: str) -> str:
   return impl
 
 
+def fuse_siblings(impl: str) -> bool:
+  """Whether ResDown's two stride-2 convolutions of one input run as one, their kernels
+  concatenated (`layers.sibling_convs`): on a CPU ('small'). Forward and both gradients,
+  one core, batch 32, two convolutions / one: 16->16+16 at 64² 35.6 / 18.4 ms, 8->8+8 at
+  128² 100 / 61 ms, 16->16+32 at 32² 4.5 / 3.9 ms. (Stride 1, as in ResUp, gained
+  nothing or lost: 16->16+16 at 32² 10.9 / 11.2, 16->16+8 at 64² 49 / 81 ms.)"""
+  return resolve(impl) == "small"
+
+
 def conv_fn(impl: str) -> Callable | None:
   """The `conv_general_dilated` for flax.linen.Conv: None (XLA's own) or a patches variant."""
   r = resolve(impl)

@@ -31,6 +31,14 @@ from jax import lax
 Array = jax.Array
 
 
+def conv3x3(x: Array, kernel: Array, strides: int, fn: Callable | None = None) -> Array:
+  """NHWC x HWIO 3x3 convolution, padding 1, through `fn` (a `conv_general_dilated`)."""
+  fn = fn or lax.conv_general_dilated
+  dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  return fn(x, kernel, (strides, strides), ((1, 1), (1, 1)), lhs_dilation=(1, 1),
+            rhs_dilation=(1, 1), dimension_numbers=dn, feature_group_count=1, precision=None)
+
+
 class Conv(nn.Module):
   """`flax.linen.Conv(features, (3, 3), strides, padding=1)`, with the bias add optional."""
   features: int
@@ -39,17 +47,33 @@ class Conv(nn.Module):
   conv_general_dilated: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: Array, add_bias: bool = True) -> tuple[Array, Array]:
-    """Returns (output, bias): the bias (in the compute dtype) is added iff add_bias."""
+  def __call__(self, x: Array, add_bias: bool = True, params_only: bool = False
+               ) -> tuple[Array, Array]:
+    """Returns (output, bias): the bias (in the compute dtype) is added iff add_bias.
+
+    params_only: returns (kernel, bias) in the compute dtype instead, without convolving,
+    for `sibling_convs`.
+    """
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    fn = self.conv_general_dilated or lax.conv_general_dilated
-    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    y = fn(x, kernel, (self.strides, self.strides), ((1, 1), (1, 1)), lhs_dilation=(1, 1),
-           rhs_dilation=(1, 1), dimension_numbers=dn, feature_group_count=1, precision=None)
+    if params_only:
+      return kernel, bias
+    y = conv3x3(x, kernel, self.strides, self.conv_general_dilated)
     return (y + bias if add_bias else y), bias
+
+
+def sibling_convs(x: Array, kernels: Sequence[Array], strides: int,
+                  fn: Callable | None = None) -> list[Array]:
+  """conv3x3(x, k) for each k, computed as one convolution by the kernels concatenated
+  along their outputs, then split: the same values, one pass over x instead of one per
+  kernel, one wider (more efficient) convolution, and one input gradient."""
+  y = conv3x3(x, jnp.concatenate(list(kernels), axis=-1), strides, fn)
+  ends = [0]
+  for k in kernels:
+    ends.append(ends[-1] + k.shape[-1])
+  return [y[..., a:b] for a, b in zip(ends[:-1], ends[1:])]
 
 
 def _act(z: Array, slopes: tuple[float, ...]) -> Array:

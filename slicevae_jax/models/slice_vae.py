@@ -44,18 +44,31 @@ class ConvBN(nn.Module):
   upsample: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool) -> Array:
+  def __call__(self, x: Array, use_running_average: bool, part: str = "all",
+               bias: Array | None = None) -> Any:
+    """part 'all': conv -> BN -> act of x. For a conv computed together with a sibling's
+    (`layers.sibling_convs`): 'params' returns the conv's (kernel, bias) for input x;
+    'bn' takes x as that conv's output without bias, and its `bias`, and runs the rest."""
+    bn = lambda: layers.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype,
+                                  slopes=(0.2,) if self.activate else ())
+    if part == "bn":
+      return bn()(x, bias, use_running_average)
     fn = (conv_lib.upsample_conv_fn(self.conv_impl) if self.upsample
           else conv_lib.conv_fn(self.conv_impl))
-    u, bias = layers.Conv(self.features, strides=self.strides, dtype=self.dtype,
-                          conv_general_dilated=fn)(x, add_bias=False)
-    return layers.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype,
-                            slopes=(0.2,) if self.activate else ())(
-        u, bias, use_running_average)
+    conv = layers.Conv(self.features, strides=self.strides, dtype=self.dtype,
+                       conv_general_dilated=fn)
+    if part == "params":
+      return conv(x, params_only=True)
+    u, bias = conv(x, add_bias=False)
+    return bn()(u, bias, use_running_average)
 
 
 class ResDown(nn.Module):
-  """Halves H and W. main: conv(s2) BN LReLU conv BN LReLU; skip: conv(s2) BN LReLU."""
+  """Halves H and W. main: conv(s2) BN LReLU conv BN LReLU; skip: conv(s2) BN LReLU.
+
+  On a CPU the two stride-2 convolutions of x run as one (`conv_lib.fuse_siblings`);
+  parameters and function are the same.
+  """
   features: int
   activate: bool = True
   momentum: float = 0.9
@@ -65,11 +78,17 @@ class ResDown(nn.Module):
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool) -> Array:
     kw = dict(momentum=self.momentum, dtype=self.dtype, conv_impl=self.conv_impl)
+    ra = use_running_average
     c_in = x.shape[-1]
-    h = ConvBN(c_in, strides=2, **kw)(x, use_running_average)
-    h = ConvBN(self.features, activate=self.activate, **kw)(h, use_running_average)
-    skip = ConvBN(self.features, strides=2, activate=self.activate, **kw)(x, use_running_average)
-    return h + skip
+    main1 = ConvBN(c_in, strides=2, **kw)
+    main2 = ConvBN(self.features, activate=self.activate, **kw)
+    skip_cb = ConvBN(self.features, strides=2, activate=self.activate, **kw)
+    if conv_lib.fuse_siblings(self.conv_impl):
+      # Both stride-2 convolutions read x: one convolution (`layers.sibling_convs`).
+      (k1, b1), (ks, bs) = main1(x, ra, "params"), skip_cb(x, ra, "params")
+      u1, us = layers.sibling_convs(x, [k1, ks], 2, conv_lib.conv_fn(self.conv_impl))
+      return main2(main1(u1, ra, "bn", b1), ra) + skip_cb(us, ra, "bn", bs)
+    return main2(main1(x, ra), ra) + skip_cb(x, ra)
 
 
 def _upsample2(x: Array) -> Array:
@@ -104,11 +123,15 @@ class ResUp(nn.Module):
     c_in = x.shape[-1]
     # Submodules are created in the order of the original layout, so parameter names
     # (and existing checkpoints) are unchanged.
-    h = bn((0.2,))(*conv(c_in)(x, add_bias=False), use_running_average)
+    conv_h, conv_s = conv(c_in), conv(self.features)
+    # (Unlike ResDown's, these two stay separate: as one convolution they were 0.6-1.0x
+    # as fast on a CPU, bench/RESULTS.md.)
+    (uh, bh), (us, bs) = conv_h(x, add_bias=False), conv_s(x, add_bias=False)
+    h = bn((0.2,))(uh, bh, use_running_average)
     h = ConvBN(self.features, momentum=self.momentum, dtype=self.dtype,
                conv_impl=self.conv_impl, upsample=True)(h, use_running_average)
     skip_slopes = (0.04, 0.04) if self.skip_double_lrelu else (0.2,)
-    skip = bn(skip_slopes)(*conv(self.features)(x, add_bias=False), use_running_average)
+    skip = bn(skip_slopes)(us, bs, use_running_average)
     return h + _upsample2(skip)
 
 
