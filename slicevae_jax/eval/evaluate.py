@@ -153,11 +153,7 @@ def score_real(config: ml_collections.ConfigDict, real: Any, real_labels: Any,
                        "per_label": _label_dict(label_names, upper["per_label"]),
                        "num_pairs": upper["num_pairs"], "moving": half, "fixed": m - half}
     real_row["_dice"] = upper["dice"]
-    missed = report.missed_labels(real_row)
-    if missed:
-      logging.warning("the RAS segmenter misses %s on real volumes (real-vs-real Dice < %g): "
-                      "RAS says nothing about them; train it longer or with "
-                      "segmenter.loss='dice_ce'", ", ".join(missed), report.MISSED_DICE)
+    report.warn_missed_labels(real_row)
   else:
     logging.warning("RAS upper bound skipped: it needs at least 2 real volumes, got %d", m)
   if half >= 2:
@@ -337,10 +333,9 @@ def real_row_for(config: ml_collections.ConfigDict, workdir: str, real: np.ndarr
                  slice_axis: int, identity: dict[str, Any], mesh: Any = None) -> dict[str, Any]:
   """`score_real` of the workdir's real set, computed once and reused while it is current.
 
-  `identity` names what the row depends on (real volumes, the segmenter's step and a digest
-  of its variables); with the eval settings it is stored beside the row in
-  <workdir>/eval/real_row.json (the per-pair Dice in real_row_dice.npz), and a later call with the same identity reads the row back instead of
-  registering the real pairs again.
+  `identity` names what the row depends on (real volumes, segmenter step and variables'
+  digest); with the eval settings it is stored beside the row in <workdir>/eval/real_row.json
+  (per-pair Dice: real_row_dice.npz); a later call of the same identity reads it back.
   """
   out_dir = workdir_lib.eval_dir(workdir)
   path = os.path.join(out_dir, workdir_lib.REAL_ROW_FILE)
@@ -390,11 +385,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, cache: Vol
   mesh = mesh or parallel.make_mesh()
   seg = seg_lib.ensure_segmenter(config, workdir, cache, mesh)
   val_ids = [cache.subjects[i]["id"] for i in cache.split("val")][:len(real)]
-  real_row = real_row_for(config, workdir, real, labels, names, seg, cache.slice_axis,
-                          {"real": val_ids, "cache": os.path.abspath(cache.path),
-                           "segmenter_step": workdir_lib.latest_step(
-                               workdir_lib.segmenter_dir(workdir)),
-                           "segmenter_sha256": seg_lib.variables_digest(seg[1])}, mesh)
+  ident = {"real": val_ids, "cache": os.path.abspath(cache.path),
+           "segmenter_step": workdir_lib.latest_step(workdir_lib.segmenter_dir(workdir)),
+           "segmenter_sha256": seg_lib.variables_digest(seg[1])}
+  real_row = real_row_for(config, workdir, real, labels, names, seg, cache.slice_axis, ident, mesh)
 
   # The extra rows need the trained slice VAE (a folder of samples alone gets one row).
   slice_vae = (config.model_type == "slice_vae"

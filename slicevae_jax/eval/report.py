@@ -295,6 +295,15 @@ def missed_labels(real_row: dict[str, Any] | None) -> list[str]:
   return [name for name, v in per.items() if v is not None and v < MISSED_DICE]
 
 
+def warn_missed_labels(real_row: dict[str, Any] | None) -> None:
+  """Logs a warning naming the labels the segmenter misses on real volumes, if any."""
+  missed = missed_labels(real_row)
+  if missed:
+    logging.warning("the RAS segmenter misses %s on real volumes (real-vs-real Dice < %g): "
+                    "RAS says nothing about them; train it longer or with "
+                    "segmenter.loss='dice_ce'", ", ".join(missed), MISSED_DICE)
+
+
 def _segmenter_warning(real_row: dict[str, Any] | None) -> list[str]:
   missed = missed_labels(real_row)
   if not missed:
