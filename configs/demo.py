@@ -31,18 +31,20 @@ Choices for a CPU budget (the paper's settings are in configs/hcp64.py):
     minutes on 2 cores; the evaluation scores the joint samples, the paper's per-dimension
     model on the same checkpoint and the held-out reconstructions beside the real row.
 
-Expected on a 2-core CPU: about 13½ minutes for the README's command (measured 13 min 27 s
-on 2026-11-30; 800 + 800 steps took 14½ minutes before that day's speed-ups and take 8½ now).
-Measured scores of that run (1600 + 1200 steps): joint samples MS-SSIM 0.948 against 0.890
-for real pairs, RAS 0.581 against a real-vs-real bound of 0.752, segmenter FD 0.19. Rerun on
-main after the fused BatchNorm and guard changes (same day; same function, other rounding):
-MS-SSIM 0.948, RAS 0.492 against a bound of 0.735, FD 0.29, reconstructions PSNR 23.0 dB and
-RAS 0.499, U-Net validation Dice 0.835 (was 0.855): the VAE's PSNR and MS-SSIM did not move;
-RAS, read through a 1200-step U-Net, did (not yet separated: U-Net or VAE). The paper's per-dimension model MS-SSIM 0.997; in the first run
-held-out reconstructions MS-SSIM 0.946, PSNR 23.0 dB, RAS 0.585 — the
-decoder, not the latent model, limits the samples at this budget. The samples are brain-shaped
-and blurred, with ventricles, deep grey nuclei and some grey/white contrast, and differ little
-from each other. (800 + 800 steps: RAS 0.27 against 0.69, amygdala not learnt, PSNR 21.8 dB.)
+Expected on a 2-core CPU: about 12 minutes for the README's command (measured 12 min 16 s on
+2026-11-30 in a fresh clone and virtual environment, the pip step cached; 13 min 27 s earlier
+that day, before the third and fourth sessions' speed-ups; the slice VAE trains at about 160
+slices/s). Scores of that run (1600 VAE + 1200 U-Net steps): joint samples MS-SSIM 0.948
+against 0.890 for real pairs, RAS 0.674 against a real-vs-real bound of 0.754 (0.89 of it;
+every label above 0.3, csf lowest as in the bound), segmenter FD 0.28; held-out
+reconstructions PSNR 23.0 dB, MS-SSIM 0.946, RAS 0.677 — the decoder, not the latent model,
+limits the samples at this budget; the paper's per-dimension model MS-SSIM 0.997 (near
+copies). The samples are brain-shaped and blurred, with ventricles, corpus callosum, deep grey
+nuclei and cerebellum, some grey/white contrast and faint seams between slices, and differ
+little from each other. The RAS U-Net learns with Dice + cross-entropy on partly blurred
+slices (below): with the paper's Dice alone the same samples scored 0.37 to 0.59 depending on
+the U-Net's seed and rounding (bench/RESULTS.md, "The demo's RAS U-Net"). (800 + 800 steps:
+RAS 0.27 against 0.69 under a Dice-only U-Net, PSNR 21.8 dB.)
 The targets of a convincing demo are met by 'long' (below), not in 15 minutes.
 
 Variants:
@@ -52,7 +54,8 @@ Variants:
          one of the 14 labels learnt; the amygdala, ≈120 voxels a subject, first appears
          between 1000 and 1500 steps), about 45 minutes in all. Measured: sample MS-SSIM
          0.938 against 0.890 for real pairs (within 0.05); RAS 0.692 against a real-vs-real
-         bound of 0.741 (0.93 of it; every label above 0, csf lowest at 0.42 in the bound);
+         bound of 0.741 (0.93 of it; every label above 0, csf lowest at 0.42 in the bound;
+         measured with the Dice-only U-Net of the time, not yet rerun with the current one);
          held-out reconstructions PSNR 24.9 dB, RAS 0.690. The samples are recognisable
          brains of varying size and shape, with ventricles, corpus callosum, deep grey
          nuclei and cerebellum in place and a visible grey/white contrast, smoother than
