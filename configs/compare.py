@@ -5,13 +5,13 @@ r"""Every model of the paper's Table 1 on the embedded default data at 64³, one
 Trains the slice VAE (the `demo.py` settings) and the five 3D baselines
 (WGAN-GP, VAE-GAN, α-GAN, α-WGAN, 3D VAE; `baselines.py` settings) on one
 shared cache of the embedded default data set, each for the same number of
-passes over the 56 training volumes, samples 8 volumes from each, trains one
-RAS segmenter, and writes <workdir>/eval/report.md: Table 1 (MMD, MS-SSIM, RAS,
+passes over the 64 training volumes, samples 8 volumes from each, trains one
+RAS segmenter (the demo's: Dice + cross-entropy, partly blurred slices), and writes <workdir>/eval/report.md: Table 1 (MMD, MS-SSIM, RAS,
 with the real-data row) and the Fig. 4 RAS chart for all models.
 
 Budget: `compare.epochs` passes over the training volumes for every model
-(default ≈ 10.7, the slice VAE demo's 1200 steps × 32 slices; the baselines get
-150 steps of 4 volumes). Networks at the paper's full width.
+(default 12.5, the slice VAE demo's 1600 steps × 32 slices; the baselines get
+200 steps of 4 volumes). Networks at the paper's full width.
 
 Variants:
   cpu     the baselines at 1/16 width (max_channels 32, latent 128, code critic
