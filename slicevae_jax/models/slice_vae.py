@@ -49,6 +49,8 @@ class ConvBN(nn.Module):
     """part 'all': conv -> BN -> act of x. For a conv computed together with a sibling's
     (`layers.sibling_convs`): 'params' returns the conv's (kernel, bias) for input x;
     'bn' takes x as that conv's output without bias, and its `bias`, and runs the rest."""
+    if part not in ("all", "params", "bn"):
+      raise ValueError(f"ConvBN part must be 'all', 'params' or 'bn', got {part!r}")
     bn = lambda: layers.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype,
                                   slopes=(0.2,) if self.activate else ())
     if part == "bn":
@@ -123,15 +125,13 @@ class ResUp(nn.Module):
     c_in = x.shape[-1]
     # Submodules are created in the order of the original layout, so parameter names
     # (and existing checkpoints) are unchanged.
-    conv_h, conv_s = conv(c_in), conv(self.features)
-    # (Unlike ResDown's, these two stay separate: as one convolution they were 0.6-1.0x
-    # as fast on a CPU, bench/RESULTS.md.)
-    (uh, bh), (us, bs) = conv_h(x, add_bias=False), conv_s(x, add_bias=False)
-    h = bn((0.2,))(uh, bh, use_running_average)
+    # (Unlike ResDown's, the two convolutions of x stay separate: as one convolution they
+    # were 0.6-1.0x as fast on a CPU, bench/RESULTS.md.)
+    h = bn((0.2,))(*conv(c_in)(x, add_bias=False), use_running_average)
     h = ConvBN(self.features, momentum=self.momentum, dtype=self.dtype,
                conv_impl=self.conv_impl, upsample=True)(h, use_running_average)
     skip_slopes = (0.04, 0.04) if self.skip_double_lrelu else (0.2,)
-    skip = bn(skip_slopes)(us, bs, use_running_average)
+    skip = bn(skip_slopes)(*conv(self.features)(x, add_bias=False), use_running_average)
     return h + _upsample2(skip)
 
 
