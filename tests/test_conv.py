@@ -24,8 +24,8 @@ def _flax_kwargs(x, w):
 @pytest.mark.parametrize("impl,stride,size,c_in,c_out", [
     ("patches", 1, 16, 1, 8), ("patches", 2, 16, 8, 8),   # above SMALL_IMAGE 'small' is XLA's
     ("small", 1, 2, 32, 48), ("small", 2, 4, 16, 32),
-    ("small", 1, 64, 4, 4), ("small", 2, 64, 4, 4), ("small", 1, 64, 8, 1),   # taps
-    ("small", 1, 64, 1, 16)])
+    ("small", 1, 64, 4, 4), ("small", 2, 64, 4, 4), ("small", 1, 64, 1, 16),   # taps
+    ("small", 1, 64, 8, 1), ("small", 1, 64, 16, 1), ("small", 2, 64, 8, 1)])   # outtaps
 def test_conv_fn_matches_xla(impl, stride, size, c_in, c_out):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (3, size, size, c_in))
@@ -63,20 +63,61 @@ def test_upsample_conv_is_conv_of_upsampled(impl):
 
   assert ours(x, w).shape == (2, 8, 12, 5)
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-4, atol=1e-4)
-  g_ours = jax.grad(lambda w: jnp.sum(ours(x, w) ** 2))(w)
-  g_ref = jax.grad(lambda w: jnp.sum(ref(x, w) ** 2))(w)
-  np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-2)
+  g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), (0, 1))(x, w)
+  g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), (0, 1))(x, w)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
 
 
-@pytest.mark.parametrize("size,c_in,c_out,uses_taps", [
-    (64, 4, 4, True), (64, 1, 16, True), (64, 8, 1, True), (64, 8, 8, False),
-    (64, 16, 1, False), (32, 4, 4, False)])
-def test_small_takes_taps_only_for_few_channels_on_large_images(size, c_in, c_out, uses_taps):
+@pytest.mark.parametrize("size,c_in,c_out,stride,kind", [
+    (64, 4, 4, 1, "taps"), (64, 1, 16, 1, "taps"), (64, 8, 8, 1, "xla"),
+    (64, 8, 1, 1, "outtaps"), (64, 16, 1, 1, "outtaps"), (64, 16, 1, 2, "xla"),
+    (64, 4, 1, 2, "taps"), (32, 4, 4, 1, "xla"), (32, 16, 1, 1, "xla")])
+def test_small_picks_taps_or_outtaps_by_channels_and_size(size, c_in, c_out, stride, kind):
   x, w = jnp.zeros((2, size, size, c_in)), jnp.zeros((3, 3, c_in, c_out))
   jaxpr = str(jax.make_jaxpr(lambda x, w: conv.small_patches_conv(
-      x, w, (1, 1), ((1, 1), (1, 1)), **_flax_kwargs(x, w)))(x, w))
-  assert ("custom_vjp_call" in jaxpr) == uses_taps
-  assert ("conv_general_dilated" in jaxpr.split("custom_vjp_call")[0]) != uses_taps
+      x, w, (stride, stride), ((1, 1), (1, 1)), **_flax_kwargs(x, w)))(x, w))
+  forward = jaxpr.split("bwd=")[0]   # the custom_vjp's forward, or XLA's convolution
+  got = ("xla" if "custom_vjp_call" not in jaxpr
+         else "outtaps" if "dot_general" in forward else "taps")
+  assert got == kind
+  assert ("conv_general_dilated" in jaxpr.split("custom_vjp_call")[0]) == (kind == "xla")
+
+
+def test_outtaps_with_chunks_asymmetric_padding_and_two_outputs(monkeypatch):
+  # A chunk size that leaves a remainder of the batch, a 2x2 kernel with one-sided padding.
+  monkeypatch.setattr(conv, "OUTTAPS_CHUNK_BYTES", 2 * 9 * 7 * 4 * 2 * 4)
+  x = jax.random.normal(jax.random.key(0), (5, 9, 7, 6))
+  w = jax.random.normal(jax.random.key(1), (2, 2, 6, 2))
+  pad = ((1, 0), (0, 1))
+  ours = lambda x, w: conv.outtaps_conv(x, w, (1, 1), pad, **_flax_kwargs(x, w))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="stride 1 only"):
+    conv.outtaps_conv(x, w, (2, 2), pad, **_flax_kwargs(x, w))
+
+
+@pytest.mark.parametrize("inner", [None, conv.small_patches_conv])
+def test_merged_phase_convolutions_equal_separate_ones(inner):
+  """upsample2_conv(merged=True), the CPU form: the same values and both gradients as the
+  four separate phase convolutions, on a non-square image over SMALL_IMAGE."""
+  x = jax.random.normal(jax.random.key(2), (3, 6, 9, 5))
+  w = jax.random.normal(jax.random.key(3), (3, 3, 5, 7))
+  kw = _flax_kwargs(x, w)
+  up = lambda merged: lambda x, w: conv.upsample2_conv(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                       inner=inner, merged=merged, **kw)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(up(True))(x, w))
+  assert up(True)(x, w).shape == (3, 12, 18, 7)
+  np.testing.assert_allclose(up(True)(x, w), up(False)(x, w), rtol=1e-5, atol=1e-4)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for a, b in zip(jax.grad(loss(up(True)), (0, 1))(x, w), jax.grad(loss(up(False)), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # At most SMALL_IMAGE pixels a side the separate form runs, merged or not.
+  small = x[:, :4, :4]
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(up(True))(small, w))
 
 
 def test_taps_gradients_for_phase_kernels_and_batches_in_chunks(monkeypatch):

@@ -66,6 +66,30 @@ def test_encode_decode_roundtrip_shapes_and_bn_modes():
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["small", "xla"])
+def test_inference_chunks_give_the_same_values(impl, monkeypatch):
+  """On a CPU ('small') `apply_inference` runs a batch as independent chunks, uneven ones
+  included (19 slices -> 5, 5, 5, 4); the values equal one batch's. 'volume' BatchNorm and
+  'xla' convolutions keep one batch."""
+  x = jax.random.uniform(jax.random.key(0), (19, 16, 16, 1))
+  model = slice_vae.SliceVAE(slice_size=16, base_width=4, max_width=8, latent_channels=8,
+                             conv_impl=impl)
+  v = model.init({"params": jax.random.key(0)}, x[:2], jax.random.key(1), train=False)
+  v = jax.tree.map(lambda a: a + 0.05 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), v)
+  monkeypatch.setattr(slice_vae, "MIN_INFERENCE_CHUNK", 4)
+  assert slice_vae.inference_chunks(model, 19) == (4 if impl == "small" else 1)
+  assert slice_vae.inference_chunks(model, 7) == 1        # fewer than two chunks of 4
+  assert slice_vae.inference_chunks(model.clone(bn_mode="volume"), 19) == 1
+  chunked = jax.jit(lambda v, x: slice_vae.apply_inference(model, v, x, "encode"))(v, x)
+  y = jax.jit(lambda v, z: slice_vae.apply_inference(model, v, z, "decode"))(v, chunked[0])
+  monkeypatch.setattr(slice_vae, "INFERENCE_CHUNKS", 1)
+  whole = jax.jit(lambda v, x: slice_vae.apply_inference(model, v, x, "encode"))(v, x)
+  y_whole = jax.jit(lambda v, z: slice_vae.apply_inference(model, v, z, "decode"))(v, whole[0])
+  for a, b in zip(chunked + (y,), whole + (y_whole,)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_loss_matches_formula():
   k = jax.random.split(jax.random.key(0), 4)
   x, xh = jax.random.uniform(k[0], (3, 8, 8, 1)), jax.random.uniform(k[1], (3, 8, 8, 1))

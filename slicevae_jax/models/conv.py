@@ -123,25 +123,85 @@ def taps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None
   def conv(x, k):
     return _chunked_taps(x, k, strides, pads).astype(jnp.result_type(x, k))
 
-  def fwd(x, k):
-    return conv(x, k), (x, k)
+  conv.defvjp(lambda x, k: (conv(x, k), (x, k)),
+              lambda res, g: _few_channel_conv_grads(res, g, strides, pads, reference))
+  return conv(lhs, rhs)
 
-  def bwd(res, g):
-    x, k = res
-    dk = jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
-    kh, kw = k.shape[:2]
-    if strides == (1, 1) and _use_taps(g, k.transpose(0, 1, 3, 2)):
-      # The input gradient of a stride-1 convolution is the convolution of g with the
-      # flipped, transposed kernel: as few channels, so taps again.
-      (pt, pb), (pl, pr) = pads
-      k_t = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
-      dx = _chunked_taps(g, k_t, (1, 1), ((kh - 1 - pt, kh - 1 - pb),
-                                          (kw - 1 - pl, kw - 1 - pr))).astype(x.dtype)
-    else:
-      dx = jax.vjp(lambda x_: reference(x_, k), x)[1](g)[0]
-    return dx, dk
 
-  conv.defvjp(fwd, bwd)
+def _few_channel_conv_grads(res, g, strides, pads, reference):
+  """Gradients of `taps_conv` and `outtaps_conv`: the kernel's is XLA's; the input's is
+  XLA's too unless it is itself a few-channel convolution (stride 1), run as taps."""
+  x, k = res
+  dk = jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
+  kh, kw = k.shape[:2]
+  if strides == (1, 1) and _use_taps(g, k.transpose(0, 1, 3, 2)):
+    # The input gradient of a stride-1 convolution is the convolution of g with the
+    # flipped, transposed kernel: as few channels, so taps again.
+    (pt, pb), (pl, pr) = pads
+    k_t = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _chunked_taps(g, k_t, (1, 1), ((kh - 1 - pt, kh - 1 - pb),
+                                        (kw - 1 - pl, kw - 1 - pr))).astype(x.dtype)
+  else:
+    dx = jax.vjp(lambda x_: reference(x_, k), x)[1](g)[0]
+  return dx, dk
+
+
+def _outtaps_forward(lhs: Array, rhs: Array, padding) -> Array:
+  """Stride-1 convolution as one matmul to kh·kw·C_out channels, then the sum of kh·kw
+  shifted slices of those."""
+  if lhs.ndim == 3:
+    return _outtaps_forward(lhs[None], rhs, padding)[0]
+  kh, kw, c_in, c_out = rhs.shape
+  (pt, pb), (pl, pr) = padding
+  t = lax.dot_general(lhs, rhs.transpose(2, 0, 1, 3).reshape(c_in, kh * kw * c_out),
+                      (((3,), (0,)), ((), ())))          # [B, H, W, kh·kw·C_out]
+  t = jnp.pad(t, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  b, h, w, _ = t.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      q = (i * kw + j) * c_out
+      term = lax.slice(t, (0, i, j, q), (b, i + ho, j + wo, q + c_out))
+      out = term if out is None else out + term
+  return out
+
+
+def outtaps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
+                 rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                 precision=None, preferred_element_type=None) -> Array:
+  """A stride-1 `lax.conv_general_dilated` (NHWC, HWIO) with very few output channels:
+  one matmul of the input with the kernel to kh·kw·C_out channels, then the sum of kh·kw
+  shifted slices of the result.
+
+  For the 1-channel output convolutions, which XLA's CPU convolution runs at a few
+  GFLOP/s (16->1 at 64², batch 64, one core: 10.3 ms, here 3.9). Runs in a loop over
+  chunks of the batch (at most OUTTAPS_CHUNK_BYTES of the kh·kw-times wider
+  intermediate). Gradients as `taps_conv`'s. Same restrictions as `patches_conv`, and
+  stride 1.
+  """
+  _check_supported("outtaps_conv", lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                   feature_group_count)
+  if tuple(window_strides) != (1, 1):
+    raise ValueError(f"outtaps_conv is stride 1 only, got strides {tuple(window_strides)}")
+  strides, pads = (1, 1), tuple(map(tuple, padding))
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def reference(x, k):
+    return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=dn,
+                                    precision=precision,
+                                    preferred_element_type=preferred_element_type)
+
+  @jax.custom_vjp
+  def conv(x, k):
+    kh, kw, _, c_out = k.shape
+    per_image = x.shape[1] * x.shape[2] * kh * kw * c_out * 4
+    chunk = max(1, min(x.shape[0], OUTTAPS_CHUNK_BYTES // per_image))
+    y = lax.map(lambda xc: _outtaps_forward(xc, k, pads), x, batch_size=chunk)
+    return y.astype(jnp.result_type(x, k))
+
+  conv.defvjp(lambda x, k: (conv(x, k), (x, k)),
+              lambda res, g: _few_channel_conv_grads(res, g, strides, pads, reference))
   return conv(lhs, rhs)
 
 
@@ -157,6 +217,18 @@ TAPS_MIN_IMAGE = 64
 TAPS_CHUNK_BYTES = 1 << 20
 
 
+# Stride-1 convolutions with at most OUTTAPS_MAX_OUT output channels, of images at least
+# TAPS_MIN_IMAGE pixels a side, run as `outtaps_conv` on a CPU (before the taps rule). Measured
+# in the whole decode, one core: 64³ 0.098 -> 0.093 s, 128³ 0.528 -> 0.466 s (bench/RESULTS.md).
+OUTTAPS_MAX_OUT = 1
+OUTTAPS_CHUNK_BYTES = 4 << 20
+
+
+def _use_outtaps(lhs: Array, rhs: Array, window_strides) -> bool:
+  return (rhs.shape[3] <= OUTTAPS_MAX_OUT and tuple(window_strides) == (1, 1)
+          and min(lhs.shape[1:3]) >= TAPS_MIN_IMAGE)
+
+
 def _use_taps(lhs: Array, rhs: Array) -> bool:
   c_in, c_out = rhs.shape[2], rhs.shape[3]
   return (min(lhs.shape[1:3]) >= TAPS_MIN_IMAGE and c_in <= TAPS_MAX_IN
@@ -170,10 +242,13 @@ SMALL_IMAGE = 4
 
 
 def small_patches_conv(lhs: Array, rhs: Array, window_strides, padding, **kw) -> Array:
-  """`patches_conv` for images of at most SMALL_IMAGE pixels a side, `taps_conv` for
-  layers of very few channels, XLA's otherwise."""
+  """`patches_conv` for images of at most SMALL_IMAGE pixels a side, `outtaps_conv` for
+  1-channel outputs and `taps_conv` for other layers of very few channels, XLA's
+  otherwise."""
   if max(lhs.shape[1:3]) <= SMALL_IMAGE:
     return patches_conv(lhs, rhs, window_strides, padding, **kw)
+  if _use_outtaps(lhs, rhs, window_strides):
+    return outtaps_conv(lhs, rhs, window_strides, padding, **kw)
   if _use_taps(lhs, rhs):
     return taps_conv(lhs, rhs, window_strides, padding, **kw)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
@@ -217,33 +292,80 @@ def _phase_kernels(rhs: Array) -> list[tuple[Array, tuple[int, int]]]:
           (jnp.stack([rhs[0] + rhs[1], rhs[2]]), (0, 1))]
 
 
+def _phase_convs(lhs: Array, rhs: Array, inner: Callable, kw) -> list[list[Array]]:
+  """The four 2x2 phase convolutions of `upsample2_conv`, [row phase][col phase], each
+  [B, H, W, C_out]."""
+  rows = []
+  for k_row, pad_row in _phase_kernels(rhs):
+    cols = []
+    for k, pad_col in _phase_kernels(jnp.swapaxes(k_row, 0, 1)):
+      cols.append(inner(lhs, jnp.swapaxes(k, 0, 1), (1, 1), (pad_row, pad_col), **kw))
+    rows.append(cols)
+  return rows
+
+
+def _merged_phase_convs(lhs: Array, rhs: Array, inner: Callable, kw) -> list[list[Array]]:
+  """`_phase_convs` as one convolution: the four 2x2 phase kernels concatenated along
+  the outputs, over the input padded by 1 on every side ([B, H+1, W+1, 4·C_out]); phase
+  (a, b) is the window starting at (a, b)."""
+  kernels = [jnp.swapaxes(k, 0, 1) for k_row, _ in _phase_kernels(rhs)
+             for k, _ in _phase_kernels(jnp.swapaxes(k_row, 0, 1))]
+  padded = jnp.pad(lhs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  kernel = jnp.concatenate(kernels, axis=-1)
+  kw = dict(kw, dimension_numbers=lax.conv_dimension_numbers(
+      padded.shape, kernel.shape, ("NHWC", "HWIO", "NHWC")))
+  out = inner(padded, kernel, (1, 1), ((0, 0), (0, 0)), **kw)
+  _, h, w, _ = lhs.shape
+  c = rhs.shape[-1]
+  return [[out[:, a:a + h, b:b + w, (2 * a + b) * c:(2 * a + b + 1) * c] for b in range(2)]
+          for a in range(2)]
+
+
+def _interleave(rows: list[list[Array]]) -> Array:
+  """Output phases [a][b], each [B, H, W, C], as the [B, 2H, 2W, C] image whose pixel
+  (2i + a, 2j + b) is phase (a, b)'s pixel (i, j)."""
+  out = jnp.stack([jnp.stack(cols, axis=3) for cols in rows], axis=2)  # [B, H, 2, W, 2, C]
+  b, h, _, w, _, c = out.shape
+  return out.reshape(b, 2 * h, 2 * w, c)
+
+
 def upsample2_conv(lhs: Array, rhs: Array, window_strides, padding, inner=None,
-                   **kw) -> Array:
+                   merged: bool = False, **kw) -> Array:
   """3x3 'same' convolution of the nearest-x2 upsampled lhs, without upsampling it.
 
   Equals conv(upsample2(lhs), rhs) (stride 1, padding 1) up to float summation order, as
   four 2x2 convolutions of lhs, one per output phase, interleaved: 4 instead of 9
   multiply-adds per output pixel and channel pair, and the upsampled input is never stored.
   `inner` computes the phase convolutions (XLA's by default).
+
+  merged=True computes the four phases as one convolution with 4·C_out outputs
+  (`_merged_phase_convs`) for images over SMALL_IMAGE pixels a side: on a CPU one wide
+  convolution is faster than four narrow ones (decode 128³, one core, 0.466 -> 0.407 s).
+  Its gradient is that of the four separate convolutions (a custom_vjp), which trained
+  faster.
   """
   if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or \
       tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
     raise ValueError("upsample2_conv is for 3x3 kernels, stride 1, padding 1")
   inner = inner or lax.conv_general_dilated
-  rows = []
-  for k_row, pad_row in _phase_kernels(rhs):
-    cols = []
-    for k, pad_col in _phase_kernels(jnp.swapaxes(k_row, 0, 1)):
-      cols.append(inner(lhs, jnp.swapaxes(k, 0, 1), (1, 1), (pad_row, pad_col), **kw))
-    rows.append(jnp.stack(cols, axis=3))            # [B, H, W, 2 (col phase), C]
-  out = jnp.stack(rows, axis=2)                     # [B, H, 2 (row phase), W, 2, C]
-  b, h, _, w, _, c = out.shape
-  return out.reshape(b, 2 * h, 2 * w, c)
+  separate = lambda x, k: _interleave(_phase_convs(x, k, inner, kw))
+  if not merged or max(lhs.shape[1:3]) <= SMALL_IMAGE:
+    return separate(lhs, rhs)
+
+  @jax.custom_vjp
+  def conv(x, k):
+    return _interleave(_merged_phase_convs(x, k, inner, kw))
+
+  conv.defvjp(lambda x, k: (conv(x, k), (x, k)),
+              lambda res, g: jax.vjp(separate, *res)[1](g))
+  return conv(lhs, rhs)
 
 
 def upsample_conv_fn(impl: str) -> Callable:
   """The `conv_general_dilated` for a flax.linen.Conv applied to an image before its
-  nearest x2 upsampling: the module keeps its parameters, the upsampling is folded in."""
+  nearest x2 upsampling: the module keeps its parameters, the upsampling is folded in.
+  On a CPU ('small') the four phase convolutions run as one (`upsample2_conv`, merged)."""
   inner = conv_fn(impl) or lax.conv_general_dilated
+  merged = resolve(impl) == "small"
   return lambda lhs, rhs, window_strides, padding, **kw: upsample2_conv(
-      lhs, rhs, window_strides, padding, inner=inner, **kw)
+      lhs, rhs, window_strides, padding, inner=inner, merged=merged, **kw)
