@@ -112,6 +112,14 @@ def taps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None
   _check_supported("taps_conv", lhs, rhs, padding, lhs_dilation, rhs_dilation,
                    feature_group_count)
   strides, pads = tuple(window_strides), tuple(map(tuple, padding))
+  return _with_xla_grads(lambda x, k: _chunked_taps(x, k, strides, pads), lhs, rhs, strides,
+                         pads, precision, preferred_element_type)
+
+
+def _with_xla_grads(forward: Callable, lhs: Array, rhs: Array, strides, pads, precision,
+                    preferred_element_type) -> Array:
+  """forward(lhs, rhs), a convolution computed another way, with the gradients of XLA's
+  (`_few_channel_conv_grads`): the custom_vjp of `taps_conv` and `outtaps_conv`."""
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
 
   def reference(x, k):
@@ -121,7 +129,7 @@ def taps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None
 
   @jax.custom_vjp
   def conv(x, k):
-    return _chunked_taps(x, k, strides, pads).astype(jnp.result_type(x, k))
+    return forward(x, k).astype(jnp.result_type(x, k))
 
   conv.defvjp(lambda x, k: (conv(x, k), (x, k)),
               lambda res, g: _few_channel_conv_grads(res, g, strides, pads, reference))
@@ -184,25 +192,15 @@ def outtaps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=N
                    feature_group_count)
   if tuple(window_strides) != (1, 1):
     raise ValueError(f"outtaps_conv is stride 1 only, got strides {tuple(window_strides)}")
-  strides, pads = (1, 1), tuple(map(tuple, padding))
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  pads = tuple(map(tuple, padding))
 
-  def reference(x, k):
-    return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=dn,
-                                    precision=precision,
-                                    preferred_element_type=preferred_element_type)
-
-  @jax.custom_vjp
-  def conv(x, k):
+  def forward(x, k):
     kh, kw, _, c_out = k.shape
     per_image = x.shape[1] * x.shape[2] * kh * kw * c_out * 4
     chunk = max(1, min(x.shape[0], OUTTAPS_CHUNK_BYTES // per_image))
-    y = lax.map(lambda xc: _outtaps_forward(xc, k, pads), x, batch_size=chunk)
-    return y.astype(jnp.result_type(x, k))
+    return lax.map(lambda xc: _outtaps_forward(xc, k, pads), x, batch_size=chunk)
 
-  conv.defvjp(lambda x, k: (conv(x, k), (x, k)),
-              lambda res, g: _few_channel_conv_grads(res, g, strides, pads, reference))
-  return conv(lhs, rhs)
+  return _with_xla_grads(forward, lhs, rhs, (1, 1), pads, precision, preferred_element_type)
 
 
 # Convolutions of images at least TAPS_MIN_IMAGE pixels a side, with at most TAPS_MAX_IN input
