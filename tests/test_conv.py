@@ -119,6 +119,8 @@ def test_few_channel_convs_with_phase_kernels_and_batches_in_chunks(monkeypatch,
   # outtaps) that leaves a remainder of the batch.
   per_image = 9 * 7 * 4 * (c_in if name == "taps_conv" else 4 * c_out)
   monkeypatch.setattr(conv, chunk_attr, 2 * per_image)
+  # The kernel gradient in two chunks (3 and 2 images).
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 3 * 4 * 9 * 7 * (c_in + c_out))
   x = jax.random.normal(jax.random.key(0), (5, 9, 7, c_in))
   w = jax.random.normal(jax.random.key(1), (2, 2, c_in, c_out))
   pad = ((1, 0), (0, 1))
@@ -128,6 +130,48 @@ def test_few_channel_convs_with_phase_kernels_and_batches_in_chunks(monkeypatch,
   loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
   for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_grad_chunks():
+  """Chunks of at most KGRAD_CHUNK_BYTES of input and output gradient, at most
+  KGRAD_MAX_CHUNKS and at most one per image; one when everything fits."""
+  per_image = 4 * (64 * 64 * 16 + 64 * 64 * 16)
+  assert conv.kernel_grad_chunks((1, 64, 64, 16), (1, 64, 64, 16)) == 1
+  assert conv.kernel_grad_chunks((2, 8, 8, 4), (2, 8, 8, 4)) == 1
+  batch = conv.KGRAD_CHUNK_BYTES // per_image * 3 + 1
+  assert conv.kernel_grad_chunks((batch, 64, 64, 16), (batch, 64, 64, 16)) == 4
+  assert conv.kernel_grad_chunks((batch, 64, 64, 16), (batch, 64, 64, 16), 2) == 2
+  assert conv.kernel_grad_chunks((4096, 64, 64, 16), (4096, 32, 32, 32)) == conv.KGRAD_MAX_CHUNKS
+  assert conv.kernel_grad_chunks((3, 512, 512, 16), (3, 512, 512, 16)) == 3
+
+
+@pytest.mark.parametrize("stride,ksize,pad", [(1, 3, ((1, 1), (1, 1))), (2, 3, ((1, 1), (1, 1))),
+                                              (1, 2, ((1, 0), (0, 1)))])
+def test_xla_conv_kernel_gradient_in_chunks(monkeypatch, stride, ksize, pad):
+  """xla_conv: XLA's values and both gradients, with the kernel gradient summed over three
+  uneven chunks of a batch of 7 (3, 2, 2 images); a batch that fits is XLA's convolution
+  without a custom gradient."""
+  x = jax.random.normal(jax.random.key(0), (7, 10, 9, 5))
+  w = jax.random.normal(jax.random.key(1), (ksize, ksize, 5, 6))
+  out_hw = (10 + sum(pad[0]) - ksize) // stride + 1, (9 + sum(pad[1]) - ksize) // stride + 1
+  per_image = 4 * (10 * 9 * 5 + out_hw[0] * out_hw[1] * 6)
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 3 * per_image)
+  assert conv.kernel_grad_chunks(x.shape, (7, *out_hw, 6)) == 3
+  ours = lambda x, w: conv.xla_conv(x, w, (stride, stride), pad, **_flax_kwargs(x, w))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(ours)(x[:3], w))
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # In bfloat16 the chunks' gradients are summed in float32 and returned as the kernel's dtype.
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 3 * per_image // 2)
+  gb = jax.grad(lambda w: jnp.sum(ours(xb, w).astype(jnp.float32)))(wb)
+  gr = jax.grad(lambda w: jnp.sum(ref(x, w)))(w)
+  assert gb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(gb.astype(jnp.float32), gr, rtol=3e-2, atol=3e-2 * float(jnp.abs(gr).max()))
 
 
 def test_upsample_conv_rejects_other_convolutions():
@@ -147,6 +191,7 @@ def test_slice_vae_same_function_under_every_impl(monkeypatch):
   allowed on 16² images, 'small' runs the stem, the first down block and the output layers
   as taps."""
   monkeypatch.setattr(conv, "TAPS_MIN_IMAGE", 16)
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 8 << 10)   # kernel gradients in chunks
   x = jax.random.uniform(jax.random.key(2), (4, 16, 16, 1))
   models = {impl: slice_vae.SliceVAE(16, base_width=4, max_width=16, latent_channels=8,
                                      conv_impl=impl) for impl in ("xla", "small")}

@@ -22,6 +22,7 @@ into the other. They differ in speed:
 `conv_fn(impl)` returns the function to hand to `flax.linen.Conv(conv_general_dilated=...)`.
 """
 
+import math
 from typing import Callable
 
 import jax
@@ -137,10 +138,11 @@ def _with_xla_grads(forward: Callable, lhs: Array, rhs: Array, strides, pads, pr
 
 
 def _few_channel_conv_grads(res, g, strides, pads, reference):
-  """Gradients of `taps_conv` and `outtaps_conv`: the kernel's is XLA's; the input's is
-  XLA's too unless it is itself a few-channel convolution (stride 1), run as taps."""
+  """Gradients of `taps_conv` and `outtaps_conv`: the kernel's is XLA's, on chunks of the
+  batch (`chunked_kernel_grad`); the input's is XLA's too unless it is itself a
+  few-channel convolution (stride 1), run as taps."""
   x, k = res
-  dk = jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
+  dk = chunked_kernel_grad(reference, x, k, g)
   kh, kw = k.shape[:2]
   if strides == (1, 1) and _use_taps(g, k.transpose(0, 1, 3, 2)):
     # The input gradient of a stride-1 convolution is the convolution of g with the
@@ -152,6 +154,79 @@ def _few_channel_conv_grads(res, g, strides, pads, reference):
   else:
     dx = jax.vjp(lambda x_: reference(x_, k), x)[1](g)[0]
   return dx, dk
+
+
+# XLA's CPU kernel gradient of a convolution of large images is slow (at 64², 16 channels,
+# about a third of its forward's speed) and does not spread over the thread pool, so on a
+# CPU it is computed on chunks of the batch of at most KGRAD_CHUNK_BYTES of input and output
+# gradient each (at most KGRAD_MAX_CHUNKS, unrolled), and the chunks' gradients summed.
+# Kernel gradient alone, batch 32, 2 threads, one / 4-8 chunks (ms): 16->16 at 64² 22 /
+# 11-12; 16->16+16 stride 2 at 64² 12.0 / 5.7; 32->32 at 32² 16.9 / 6.0-6.4; 16->64 2x2 at
+# 32² 12.3 / 4.2; batch 128, 16->16 at 64², 131 / 43 (16 chunks). Whole training step, 2
+# threads, slices/s before / after: 64² batch 32 162 / 185, batch 128 135 / 167; 128² batch
+# 32 82 / 87 (bench/RESULTS.md). Chunking the forward or the input gradient was slower
+# (16->16 at 64²: 4.4 / 6.1-7.0 ms), and so were 1.5 MiB chunks in the whole step.
+KGRAD_CHUNK_BYTES = 4 << 20
+KGRAD_MAX_CHUNKS = 16
+
+
+def kernel_grad_chunks(x_shape, g_shape, itemsize: int = 4) -> int:
+  """How many chunks of the batch `chunked_kernel_grad` splits an input of x_shape
+  [B, ...] and an output gradient of g_shape into."""
+  batch = x_shape[0]
+  per_image = itemsize * (math.prod(x_shape[1:]) + math.prod(g_shape[1:]))
+  return max(1, min(KGRAD_MAX_CHUNKS, batch, -(-batch * per_image // KGRAD_CHUNK_BYTES)))
+
+
+def chunked_kernel_grad(reference: Callable, x: Array, k: Array, g: Array) -> Array:
+  """The gradient of <g, reference(x, k)> with respect to k, as a sum over chunks of the
+  batch (`kernel_grad_chunks`), accumulated in float32."""
+  n = kernel_grad_chunks(x.shape, g.shape, x.dtype.itemsize)
+  if n == 1:
+    return jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
+  dk = None
+  for xc, gc in zip(jnp.array_split(x, n), jnp.array_split(g, n)):
+    d = jax.vjp(lambda k_: reference(xc, k_), k)[1](gc)[0].astype(jnp.float32)
+    dk = d if dk is None else dk + d
+  return dk.astype(k.dtype)
+
+
+def xla_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
+             rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+             precision=None, preferred_element_type=None) -> Array:
+  """XLA's `lax.conv_general_dilated` (NHWC, HWIO) with its kernel gradient computed on
+  chunks of the batch (`chunked_kernel_grad`) when the batch is large enough to be split;
+  the forward and the input gradient are XLA's. Dilated, grouped or implicitly padded
+  convolutions are XLA's throughout."""
+  kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+  plain = (lhs.ndim != 4 or rhs.ndim != 4 or isinstance(padding, str)
+           or feature_group_count != 1
+           or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
+  if not plain:
+    strides = tuple(window_strides)
+    out_shape = jax.eval_shape(
+        lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kw), lhs, rhs)
+    plain = kernel_grad_chunks(lhs.shape, out_shape.shape, lhs.dtype.itemsize) == 1
+  if plain:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+  pads = tuple(map(tuple, padding))
+
+  def reference(x, k):
+    return lax.conv_general_dilated(x, k, strides, pads, **kw)
+
+  @jax.custom_vjp
+  def conv(x, k):
+    return reference(x, k)
+
+  def backward(res, g):
+    x, k = res
+    return jax.vjp(lambda x_: reference(x_, k), x)[1](g)[0], chunked_kernel_grad(
+        reference, x, k, g)
+
+  conv.defvjp(lambda x, k: (conv(x, k), (x, k)), backward)
+  return conv(lhs, rhs)
 
 
 def _outtaps_forward(lhs: Array, rhs: Array, padding) -> Array:
@@ -249,7 +324,7 @@ def small_patches_conv(lhs: Array, rhs: Array, window_strides, padding, **kw) ->
     return outtaps_conv(lhs, rhs, window_strides, padding, **kw)
   if _use_taps(lhs, rhs):
     return taps_conv(lhs, rhs, window_strides, padding, **kw)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+  return xla_conv(lhs, rhs, window_strides, padding, **kw)
 
 
 def resolve(impl: str) -> str:
