@@ -115,13 +115,13 @@ def test_merged_phase_convolutions_equal_separate_ones(inner):
 def test_few_channel_convs_with_phase_kernels_and_batches_in_chunks(monkeypatch, name,
                                                                     chunk_attr, c_in, c_out):
   # A 2x2 kernel with one-sided padding (the phase convolutions of the up path), and a
-  # chunk size (two images' input for taps, two images' 4·C_out-wide intermediate for
+  # chunk size (four images' input for taps, four images' 4·C_out-wide intermediate for
   # outtaps) that leaves a remainder of the batch.
   per_image = 9 * 7 * 4 * (c_in if name == "taps_conv" else 4 * c_out)
-  monkeypatch.setattr(conv, chunk_attr, 2 * per_image)
-  # The kernel gradient in two chunks (3 and 2 images).
-  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 3 * 4 * 9 * 7 * (c_in + c_out))
-  x = jax.random.normal(jax.random.key(0), (5, 9, 7, c_in))
+  monkeypatch.setattr(conv, chunk_attr, 4 * per_image)
+  # The kernel gradient in three chunks of two images.
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 2 * 4 * 9 * 7 * (c_in + c_out))
+  x = jax.random.normal(jax.random.key(0), (6, 9, 7, c_in))
   w = jax.random.normal(jax.random.key(1), (2, 2, c_in, c_out))
   pad = ((1, 0), (0, 1))
   ours = lambda x, w: getattr(conv, name)(x, w, (1, 1), pad, **_flax_kwargs(x, w))
@@ -132,46 +132,81 @@ def test_few_channel_convs_with_phase_kernels_and_batches_in_chunks(monkeypatch,
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_grad_chunks():
-  """Chunks of at most KGRAD_CHUNK_BYTES of input and output gradient, at most
-  KGRAD_MAX_CHUNKS and at most one per image; one when everything fits."""
-  per_image = 4 * (64 * 64 * 16 + 64 * 64 * 16)
-  assert conv.kernel_grad_chunks((1, 64, 64, 16), (1, 64, 64, 16)) == 1
-  assert conv.kernel_grad_chunks((2, 8, 8, 4), (2, 8, 8, 4)) == 1
-  batch = conv.KGRAD_CHUNK_BYTES // per_image * 3 + 1
-  assert conv.kernel_grad_chunks((batch, 64, 64, 16), (batch, 64, 64, 16)) == 4
-  assert conv.kernel_grad_chunks((batch, 64, 64, 16), (batch, 64, 64, 16), 2) == 2
-  assert conv.kernel_grad_chunks((4096, 64, 64, 16), (4096, 32, 32, 32)) == conv.KGRAD_MAX_CHUNKS
-  assert conv.kernel_grad_chunks((3, 512, 512, 16), (3, 512, 512, 16)) == 3
+def test_kernel_grad_chunks(monkeypatch):
+  """About one chunk per KGRAD_CHUNK_BYTES of input and output gradient per device, at most
+  KGRAD_MAX_CHUNKS, and a divisor of the batch per device; one when everything fits."""
+  per_image = 4 * 2 * (8 * 8 * 4)                    # x and g of [8, 8, 4], float32
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 4 * per_image)   # 4 images a chunk
+  chunks = lambda b, shards=1, itemsize=4: conv.kernel_grad_chunks(
+      (b, 8, 8, 4), (b, 8, 8, 4), itemsize, shards)
+  assert chunks(1) == 1 and chunks(4) == 1
+  assert chunks(16) == 4 and chunks(16, itemsize=2) == 2
+  assert chunks(18) == 3                             # 5 wanted: 3 is 18's divisor below
+  assert chunks(17) == 1                             # prime: no divisor to chunk by
+  assert chunks(4096) == conv.KGRAD_MAX_CHUNKS
+  # On 8 devices each device's part is chunked: 16 images a device, 4 chunks.
+  assert chunks(128, shards=8) == 4 and chunks(32, shards=8) == 1
+  assert chunks(36, shards=8) == chunks(36) == 9     # not divisible: as one device
+  # By default, over the devices (8 in the tests).
+  assert conv.kernel_grad_chunks((128, 8, 8, 4), (128, 8, 8, 4)) == 4
+
+
+def _chunk_bytes_for(monkeypatch, per_image, images):
+  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", int(images * per_image))
 
 
 @pytest.mark.parametrize("stride,ksize,pad", [(1, 3, ((1, 1), (1, 1))), (2, 3, ((1, 1), (1, 1))),
                                               (1, 2, ((1, 0), (0, 1)))])
 def test_xla_conv_kernel_gradient_in_chunks(monkeypatch, stride, ksize, pad):
   """xla_conv: XLA's values and both gradients, with the kernel gradient summed over three
-  uneven chunks of a batch of 7 (3, 2, 2 images); a batch that fits is XLA's convolution
-  without a custom gradient."""
-  x = jax.random.normal(jax.random.key(0), (7, 10, 9, 5))
+  chunks of a batch of 6 (images 0, 3 / 1, 4 / 2, 5); a batch that fits is XLA's
+  convolution without a custom gradient."""
+  x = jax.random.normal(jax.random.key(0), (6, 10, 9, 5))
   w = jax.random.normal(jax.random.key(1), (ksize, ksize, 5, 6))
   out_hw = (10 + sum(pad[0]) - ksize) // stride + 1, (9 + sum(pad[1]) - ksize) // stride + 1
   per_image = 4 * (10 * 9 * 5 + out_hw[0] * out_hw[1] * 6)
-  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 3 * per_image)
-  assert conv.kernel_grad_chunks(x.shape, (7, *out_hw, 6)) == 3
+  _chunk_bytes_for(monkeypatch, per_image, 1.5)      # 4 chunks wanted: 3 divides 6
+  assert conv.kernel_grad_chunks(x.shape, (6, *out_hw, 6)) == 3
   ours = lambda x, w: conv.xla_conv(x, w, (stride, stride), pad, **_flax_kwargs(x, w))
   ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
   assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))
-  assert "custom_vjp_call" not in str(jax.make_jaxpr(ours)(x[:3], w))
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(ours)(x[:1], w))
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
   for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  # In bfloat16 the chunks' gradients are summed in float32 and returned as the kernel's dtype.
+  # In bfloat16 (2 chunks: half the bytes) the chunks' gradients are summed in float32 and
+  # returned as the kernel's dtype.
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 3 * per_image // 2)
+  assert conv.kernel_grad_chunks(xb.shape, (6, *out_hw, 6), 2) == 2
   gb = jax.grad(lambda w: jnp.sum(ours(xb, w).astype(jnp.float32)))(wb)
   gr = jax.grad(lambda w: jnp.sum(ref(x, w)))(w)
   assert gb.dtype == jnp.bfloat16
-  np.testing.assert_allclose(gb.astype(jnp.float32), gr, rtol=3e-2, atol=3e-2 * float(jnp.abs(gr).max()))
+  np.testing.assert_allclose(gb.astype(jnp.float32), gr, rtol=3e-2,
+                             atol=3e-2 * float(jnp.abs(gr).max()))
+
+
+def test_xla_conv_chunks_stay_on_their_devices(monkeypatch):
+  """With the batch sharded over the 8 test devices, each device's 4 images are cut into
+  2 chunks: the same gradients as XLA's, and no image moves between devices."""
+  assert jax.device_count() == 8
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 12, 12, 3)), shard)
+  w = jax.device_put(jax.random.normal(jax.random.key(1), (3, 3, 3, 4)), repl)
+  _chunk_bytes_for(monkeypatch, 4 * 12 * 12 * (3 + 4), 2)
+  assert conv.kernel_grad_chunks(x.shape, (32, 12, 12, 4)) == 2
+  pad = ((1, 1), (1, 1))
+  ours = lambda x, w: conv.xla_conv(x, w, (1, 1), pad, **_flax_kwargs(x, w))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
+  grad = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)),
+                           in_shardings=(shard, repl), out_shardings=(shard, repl))
+  compiled = grad(ours).lower(x, w).compile().as_text()
+  assert "all-to-all" not in compiled and "collective-permute" not in compiled
+  assert "all-gather" not in compiled
+  for a, b in zip(grad(ours)(x, w), grad(ref)(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_upsample_conv_rejects_other_convolutions():
