@@ -124,6 +124,7 @@ def test_few_channel_convs_with_phase_kernels_and_batches_in_chunks(monkeypatch,
   x = jax.random.normal(jax.random.key(0), (6, 9, 7, c_in))
   w = jax.random.normal(jax.random.key(1), (2, 2, c_in, c_out))
   pad = ((1, 0), (0, 1))
+  assert conv.kernel_grad_chunks(x.shape, (6, 9, 7, c_out)) == 3
   ours = lambda x, w: getattr(conv, name)(x, w, (1, 1), pad, **_flax_kwargs(x, w))
   ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
@@ -139,7 +140,7 @@ def test_kernel_grad_chunks(monkeypatch):
   monkeypatch.setattr(conv, "KGRAD_CHUNK_BYTES", 4 * per_image)   # 4 images a chunk
   chunks = lambda b, shards=1, itemsize=4: conv.kernel_grad_chunks(
       (b, 8, 8, 4), (b, 8, 8, 4), itemsize, shards)
-  assert chunks(1) == 1 and chunks(4) == 1
+  assert chunks(0) == 1 and chunks(1) == 1 and chunks(4) == 1
   assert chunks(16) == 4 and chunks(16, itemsize=2) == 2
   assert chunks(18) == 3                             # 5 wanted: 3 is 18's divisor below
   assert chunks(17) == 1                             # prime: no divisor to chunk by
@@ -171,6 +172,14 @@ def test_xla_conv_kernel_gradient_in_chunks(monkeypatch, stride, ksize, pad):
   ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
   assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))
   assert "custom_vjp_call" not in str(jax.make_jaxpr(ours)(x[:1], w))
+  # A layout with the batch elsewhere than the first axis is not chunked.
+  x_hnwc = x.transpose(1, 0, 2, 3)
+  kw_hnwc = dict(_flax_kwargs(x, w), dimension_numbers=lax.conv_dimension_numbers(
+      x_hnwc.shape, w.shape, ("HNWC", "HWIO", "NHWC")))
+  hnwc = conv.xla_conv(x_hnwc, w, (stride, stride), pad, **kw_hnwc)
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(
+      lambda a: conv.xla_conv(a, w, (stride, stride), pad, **kw_hnwc))(x_hnwc))
+  np.testing.assert_allclose(hnwc, ref(x, w), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
   for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):

@@ -163,8 +163,9 @@ def _few_channel_conv_grads(res, g, strides, pads, reference):
 
 # XLA's CPU kernel gradient of a convolution of large images is slow (at 64², 16 channels,
 # about a third of its forward's speed) and does not spread over the thread pool, so on a
-# CPU it is computed on chunks of the batch of at most KGRAD_CHUNK_BYTES of input and output
-# gradient each (at most KGRAD_MAX_CHUNKS, unrolled), and the chunks' gradients summed.
+# CPU it is computed on chunks of the batch of about KGRAD_CHUNK_BYTES of input and output
+# gradient each (`kernel_grad_chunks`: at most KGRAD_MAX_CHUNKS, unrolled), and the chunks'
+# gradients summed.
 # Kernel gradient alone, batch 32, 2 threads, one / 4-8 chunks (ms): 16->16 at 64² 22 /
 # 11-12; 16->16+16 stride 2 at 64² 12.0 / 5.7; 32->32 at 32² 16.9 / 6.0-6.4; 16->64 2x2 at
 # 32² 12.3 / 4.2; batch 128, 16->16 at 64², 131 / 43 (16 chunks). Whole training step, 2
@@ -180,20 +181,24 @@ def kernel_grad_chunks(x_shape, g_shape, itemsize: int = 4, shards: int | None =
   [B, ...] and an output gradient of g_shape into. The batch is taken to be split evenly
   over `shards` devices (by default the number of devices, when it divides B), and each
   device's part into chunks of about KGRAD_CHUNK_BYTES of input and output gradient, at
-  most KGRAD_MAX_CHUNKS, their number a divisor of the per-device batch: every chunk then
-  has the same images on each device as the batch, and none moves between devices."""
+  most KGRAD_MAX_CHUNKS: their number is the largest divisor of the per-device batch not
+  above that (so a chunk may be larger, and a prime batch stays whole). Every chunk then
+  has the same number of images on each device, and none moves between devices. The
+  default assumes the batch is sharded over all devices, as `parallel.make_mesh()` does; on
+  a smaller mesh the result is the same, only possibly slower."""
   batch = x_shape[0]
   if shards is None:
     shards = jax.device_count()
   local = batch // shards if batch % shards == 0 else batch
   per_image = itemsize * (math.prod(x_shape[1:]) + math.prod(g_shape[1:]))
   target = max(1, min(KGRAD_MAX_CHUNKS, -(-local * per_image // KGRAD_CHUNK_BYTES)))
-  return max(n for n in range(1, min(target, local) + 1) if local % n == 0)
+  return max((n for n in range(1, min(target, local) + 1) if local % n == 0), default=1)
 
 
 def chunked_kernel_grad(reference: Callable, x: Array, k: Array, g: Array) -> Array:
   """The gradient of <g, reference(x, k)> with respect to k, as a sum over n chunks of the
-  batch (`kernel_grad_chunks`), accumulated in float32. Chunk j holds images j, j + n,
+  batch (`kernel_grad_chunks`), each chunk's gradient in the kernel's dtype and their sum
+  in at least float32. Chunk j holds images j, j + n,
   j + 2n, ...: a batch split into contiguous blocks over devices gives each chunk the same
   number of images on every device."""
   n = kernel_grad_chunks(x.shape, g.shape, x.dtype.itemsize)
@@ -201,9 +206,10 @@ def chunked_kernel_grad(reference: Callable, x: Array, k: Array, g: Array) -> Ar
     return jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
   xs = x.reshape(x.shape[0] // n, n, *x.shape[1:])
   gs = g.reshape(g.shape[0] // n, n, *g.shape[1:])
+  acc = jnp.promote_types(k.dtype, jnp.float32)
   dk = None
   for j in range(n):
-    d = jax.vjp(lambda k_: reference(xs[:, j], k_), k)[1](gs[:, j])[0].astype(jnp.float32)
+    d = jax.vjp(lambda k_: reference(xs[:, j], k_), k)[1](gs[:, j])[0].astype(acc)
     dk = d if dk is None else dk + d
   return dk.astype(k.dtype)
 
@@ -214,13 +220,16 @@ def xla_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
   """XLA's `lax.conv_general_dilated` (NHWC, HWIO) with its kernel gradient computed on
   chunks of the batch (`chunked_kernel_grad`) when the batch is large enough to be split;
   the forward and the input gradient are XLA's. Dilated, grouped or implicitly padded
-  convolutions are XLA's throughout."""
+  convolutions, and layouts whose batch is not the first axis, are XLA's throughout."""
   kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
             precision=precision, preferred_element_type=preferred_element_type)
   plain = (lhs.ndim != 4 or rhs.ndim != 4 or isinstance(padding, str)
            or feature_group_count != 1
            or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
+  if not plain:
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    plain = dn.lhs_spec[0] != 0 or dn.out_spec[0] != 0
   if not plain:
     strides = tuple(window_strides)
     out_shape = jax.eval_shape(
