@@ -198,9 +198,9 @@ def kernel_grad_chunks(x_shape, g_shape, itemsize: int = 4, shards: int | None =
 def chunked_kernel_grad(reference: Callable, x: Array, k: Array, g: Array) -> Array:
   """The gradient of <g, reference(x, k)> with respect to k, as a sum over n chunks of the
   batch (`kernel_grad_chunks`), each chunk's gradient in the kernel's dtype and their sum
-  in at least float32. Chunk j holds images j, j + n,
-  j + 2n, ...: a batch split into contiguous blocks over devices gives each chunk the same
-  number of images on every device."""
+  in at least float32. Chunk j holds images j, j + n, j + 2n, ...: a batch split into
+  contiguous blocks over devices gives each chunk the same number of images on every
+  device."""
   n = kernel_grad_chunks(x.shape, g.shape, x.dtype.itemsize)
   if n == 1:
     return jax.vjp(lambda k_: reference(x, k_), k)[1](g)[0]
@@ -231,13 +231,12 @@ def xla_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     plain = dn.lhs_spec[0] != 0 or dn.out_spec[0] != 0
   if not plain:
-    strides = tuple(window_strides)
     out_shape = jax.eval_shape(
         lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kw), lhs, rhs)
     plain = kernel_grad_chunks(lhs.shape, out_shape.shape, lhs.dtype.itemsize) == 1
   if plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
-  pads = tuple(map(tuple, padding))
+  strides, pads = tuple(window_strides), tuple(map(tuple, padding))
 
   def reference(x, k):
     return lax.conv_general_dilated(x, k, strides, pads, **kw)
