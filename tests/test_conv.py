@@ -110,6 +110,18 @@ def test_merged_phase_convolutions_equal_separate_ones(inner):
   assert "custom_vjp_call" not in str(jax.make_jaxpr(up(True))(small, w))
 
 
+def test_outtaps_chunk_counts_bytes_of_the_dtype(monkeypatch):
+  """outtaps_conv's chunks hold OUTTAPS_CHUNK_BYTES of its intermediate in the dtype it
+  computes in: twice the images in bfloat16."""
+  per_image = 9 * 7 * 3 * 3 * 2      # 9x7 images, 3x3 kernel, 2 outputs
+  monkeypatch.setattr(conv, "OUTTAPS_CHUNK_BYTES", 4 * per_image * 4)
+  assert conv._outtaps_chunk((64, 9, 7, 5), (3, 3, 5, 2), 4) == 4
+  assert conv._outtaps_chunk((64, 9, 7, 5), (3, 3, 5, 2), 2) == 8
+  assert conv._outtaps_chunk((6, 9, 7, 5), (3, 3, 5, 2), 2) == 6      # never above the batch
+  monkeypatch.setattr(conv, "OUTTAPS_CHUNK_BYTES", 1)
+  assert conv._outtaps_chunk((6, 9, 7, 5), (3, 3, 5, 2), 4) == 1      # at least one image
+
+
 @pytest.mark.parametrize("name,chunk_attr,c_in,c_out", [
     ("taps_conv", "TAPS_CHUNK_BYTES", 3, 4), ("outtaps_conv", "OUTTAPS_CHUNK_BYTES", 6, 2)])
 def test_few_channel_convs_with_phase_kernels_and_batches_in_chunks(monkeypatch, name,

@@ -275,6 +275,14 @@ def _outtaps_forward(lhs: Array, rhs: Array, padding) -> Array:
   return out
 
 
+def _outtaps_chunk(x_shape, k_shape, itemsize: int) -> int:
+  """Images per chunk of `outtaps_conv`: its kh·kw·C_out-wide intermediate, in the
+  computation's dtype, at most OUTTAPS_CHUNK_BYTES (at least one image)."""
+  kh, kw, _, c_out = k_shape
+  per_image = x_shape[1] * x_shape[2] * kh * kw * c_out * itemsize
+  return max(1, min(x_shape[0], OUTTAPS_CHUNK_BYTES // per_image))
+
+
 def outtaps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
                  rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                  precision=None, preferred_element_type=None) -> Array:
@@ -295,10 +303,8 @@ def outtaps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=N
   pads = tuple(map(tuple, padding))
 
   def forward(x, k):
-    kh, kw, _, c_out = k.shape
-    per_image = x.shape[1] * x.shape[2] * kh * kw * c_out * 4
-    chunk = max(1, min(x.shape[0], OUTTAPS_CHUNK_BYTES // per_image))
-    return lax.map(lambda xc: _outtaps_forward(xc, k, pads), x, batch_size=chunk)
+    return lax.map(lambda xc: _outtaps_forward(xc, k, pads), x,
+                   batch_size=_outtaps_chunk(x.shape, k.shape, jnp.result_type(x, k).itemsize))
 
   return _with_xla_grads(forward, lhs, rhs, (1, 1), pads, precision, preferred_element_type)
 
