@@ -49,14 +49,13 @@ The targets of a convincing demo are met by 'long' (below), not in 15 minutes.
 
 Variants:
   smoke  32³, tiny model, 4 steps; the end-to-end test uses it.
-  long   what the samples issue asks of the method, met: 4000 VAE steps (about 30 minutes
-         of training on a quiet 2-core CPU, 75 slices/s) and a 2000-step RAS U-Net (every
-         one of the 14 labels learnt; the amygdala, ≈120 voxels a subject, first appears
-         between 1000 and 1500 steps), about 45 minutes in all. Measured: sample MS-SSIM
-         0.938 against 0.890 for real pairs (within 0.05); RAS 0.692 against a real-vs-real
-         bound of 0.741 (0.93 of it; every label above 0, csf lowest at 0.42 in the bound;
-         measured with the Dice-only U-Net of the time, not yet rerun with the current one);
-         held-out reconstructions PSNR 24.9 dB, RAS 0.690. The samples are recognisable
+  long   what the samples issue asks of the method, met: 4000 VAE steps (about 14 minutes
+         of training on a 2-core CPU) and a 2000-step RAS U-Net (every one of the 14 labels
+         learnt; the amygdala, ≈120 voxels a subject, first appears between 1000 and 1500
+         steps), about 23 minutes in all. Measured (2026-11-30): sample MS-SSIM 0.931
+         against 0.890 for real pairs (within 0.05); RAS 0.734 against a real-vs-real bound
+         of 0.756 (0.97 of it; every label above 0, csf lowest at 0.38, 0.43 in the bound);
+         held-out reconstructions PSNR 24.9 dB, RAS 0.736. The samples are recognisable
          brains of varying size and shape, with ventricles, corpus callosum, deep grey
          nuclei and cerebellum in place and a visible grey/white contrast, smoother than
          the real volumes (cortical folds blurred). bench/RESULTS.md has the quality-versus-
