@@ -118,6 +118,13 @@ def test_outtaps_chunk_counts_bytes_of_the_dtype(monkeypatch):
   assert conv._outtaps_chunk((64, 9, 7, 5), (3, 3, 5, 2), 4) == 4
   assert conv._outtaps_chunk((64, 9, 7, 5), (3, 3, 5, 2), 2) == 8
   assert conv._outtaps_chunk((6, 9, 7, 5), (3, 3, 5, 2), 2) == 6      # never above the batch
+  # outtaps_conv's forward loops over 64 / 4 chunks in float32, 64 / 8 in bfloat16.
+  w = jnp.ones((3, 3, 5, 2))
+  for dtype, loops in ((jnp.float32, 16), (jnp.bfloat16, 8)):
+    x = jnp.ones((64, 9, 7, 5), dtype)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.outtaps_conv(
+        x, w.astype(dtype), (1, 1), ((1, 1), (1, 1)), **_flax_kwargs(x, w)))(x, w))
+    assert f"length={loops}" in jaxpr, (dtype, loops)
   monkeypatch.setattr(conv, "OUTTAPS_CHUNK_BYTES", 1)
   assert conv._outtaps_chunk((6, 9, 7, 5), (3, 3, 5, 2), 4) == 1      # at least one image
 
