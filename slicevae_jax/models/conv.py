@@ -96,11 +96,17 @@ def _taps_forward(lhs: Array, rhs: Array, window_strides, padding) -> Array:
   return out
 
 
+def _images_per_chunk(batch: int, per_image: int, budget: int) -> int:
+  """Images in a chunk of a `lax.map` loop over a batch: as many as fit `budget` bytes at
+  `per_image` bytes each, at least one and at most the batch."""
+  return max(1, min(batch, budget // max(1, per_image)))
+
+
 def _chunked_taps(x: Array, k: Array, strides, pads) -> Array:
   """`_taps_forward` in a loop over chunks of the batch: XLA then fuses neither the sum
   into its consumers nor the input's producers into the sum (either would be recomputed
   once per tap), and a chunk's input stays in cache."""
-  chunk = max(1, min(x.shape[0], TAPS_CHUNK_BYTES // max(1, x[0].size * x.dtype.itemsize)))
+  chunk = _images_per_chunk(x.shape[0], x[0].size * x.dtype.itemsize, TAPS_CHUNK_BYTES)
   return lax.map(lambda xc: _taps_forward(xc, k, strides, pads), x, batch_size=chunk)
 
 
@@ -280,7 +286,7 @@ def _outtaps_chunk(x_shape, k_shape, itemsize: int) -> int:
   computation's dtype, at most OUTTAPS_CHUNK_BYTES (at least one image)."""
   kh, kw, _, c_out = k_shape
   per_image = x_shape[1] * x_shape[2] * kh * kw * c_out * itemsize
-  return max(1, min(x_shape[0], OUTTAPS_CHUNK_BYTES // per_image))
+  return _images_per_chunk(x_shape[0], per_image, OUTTAPS_CHUNK_BYTES)
 
 
 def outtaps_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
