@@ -1,5 +1,7 @@
 """The convolution variants of models/conv.py compute XLA's convolution, values and gradients."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -263,8 +265,8 @@ def test_slice_vae_same_function_under_every_impl(monkeypatch):
   assert jax.tree.structure(variables["small"]) == jax.tree.structure(variables["xla"])
   for a, b in zip(jax.tree.leaves(variables["small"]), jax.tree.leaves(variables["xla"])):
     np.testing.assert_array_equal(a, b)
-  outs = {k: m.apply(variables["xla"], x, jax.random.key(4), train=True,
-                     mutable=["batch_stats"]) for k, m in models.items()}
+  outs = {k: jax.jit(functools.partial(m.apply, train=True, mutable=["batch_stats"]))(
+      variables["xla"], x, jax.random.key(4)) for k, m in models.items()}
   (x_hat, mu, logvar), stats = outs["small"]
   (x_ref, mu_ref, lv_ref), stats_ref = outs["xla"]
   for a, b in ((x_hat, x_ref), (mu, mu_ref), (logvar, lv_ref)):
@@ -277,7 +279,8 @@ def test_slice_vae_same_function_under_every_impl(monkeypatch):
   shifted = {"params": jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size) + 1.0)
                                     .reshape(a.shape), variables["xla"]["params"]),
              "batch_stats": stats_ref["batch_stats"]}
-  evals = {k: m.apply(shifted, x, jax.random.key(4), train=False) for k, m in models.items()}
+  evals = {k: jax.jit(functools.partial(m.apply, train=False))(shifted, x, jax.random.key(4))
+           for k, m in models.items()}
   for a, b in zip(evals["small"], evals["xla"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -285,7 +288,8 @@ def test_slice_vae_same_function_under_every_impl(monkeypatch):
     (y, m_, lv), _ = model.apply({"params": params, "batch_stats": shifted["batch_stats"]}, x,
                                  jax.random.key(4), train=True, mutable=["batch_stats"])
     return jnp.sum((y - x) ** 2) + jnp.sum(m_ ** 2) + jnp.sum(jnp.exp(lv))
-  grads = {k: jax.grad(loss)(shifted["params"], m) for k, m in models.items()}
+  grads = {k: jax.jit(jax.grad(loss), static_argnums=1)(shifted["params"], m)
+           for k, m in models.items()}
   assert jax.tree.structure(grads["small"]) == jax.tree.structure(grads["xla"])
   for a, b in zip(jax.tree.leaves(grads["small"]), jax.tree.leaves(grads["xla"])):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(jnp.abs(b).max()) + 1e-6)
