@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from slicevae_jax import config_lib, parallel  # noqa: E402
 from slicevae_jax.data import slices as slices_lib  # noqa: E402
 from slicevae_jax.data.cache import CacheWriter  # noqa: E402
-from slicevae_jax.models import slice_vae  # noqa: E402
+from slicevae_jax.models import conv, slice_vae  # noqa: E402
 from slicevae_jax.slicevae import inference, train  # noqa: E402
 from slicevae_jax.slicevae import latent as lg  # noqa: E402
 
@@ -135,8 +135,9 @@ def main():
   p.add_argument("--cache-volumes", type=int, default=8)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="model.dtype: compute dtype of activations and convolutions")
-  p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "patches"],
-                 help="model.conv_impl (models/conv.py)")
+  p.add_argument("--conv-impl", default="auto", choices=list(config_lib.CONV_IMPLS),
+                 help="model.conv_impl (models/conv.py): 'auto' is 'small' on a CPU, 'xla' "
+                 "elsewhere")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
   a = p.parse_args()
   rows = []
@@ -149,7 +150,8 @@ def main():
   lines = [
       f"\n## Slice VAE, {datetime.date.today()} — {jax.device_count()}x {dev.device_kind} "
       f"({dev.platform}), {platform.processor() or platform.machine()}, "
-      f"{os.cpu_count()} CPUs, JAX {jax.__version__}, {a.dtype}",
+      f"{os.cpu_count()} CPUs, JAX {jax.__version__}, {a.dtype}, conv_impl "
+      f"{a.conv_impl} ({conv.resolve(a.conv_impl)})",
       "",
       f"Command: `python bench/bench_slicevae.py {' '.join(sys.argv[1:])}`".rstrip(),
       "",

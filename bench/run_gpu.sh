@@ -10,7 +10,9 @@
 # Stages: slicevae (float32 train / input / latent fit / sampling at 64-256, batch 128),
 # dtype (bfloat16 vs float32 loss curve on the demo), torch (bench_vs_torch.py against the
 # PyTorch reference), bf16 (bench_slicevae.py --dtype bfloat16), eval (registration and RAS
-# cost at 64-256).
+# cost at 64-256). Not in the default set: impl (bench_slicevae.py with conv_impl 'small', the
+# CPU's convolution forms, against the slicevae stage's 'xla': does the patches form of the
+# 2x2 and 4x4 layers cut the GPU's latency-bound decode at 64³ and 128³?).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -40,6 +42,8 @@ stage torch 420 $PY bench/bench_vs_torch.py --device gpu --res $RES --batch 32 1
   --rounds 2 --steps 20 --jax-cache /tmp/jax_cache --append --out "$R"
 stage bf16 200 $PY bench/bench_slicevae.py --res $RES --batch 128 --steps 20 \
   --latent-volumes 50 --sample-volumes 2 --cache-volumes 2 --dtype bfloat16 --out "$R"
+stage impl 200 $PY bench/bench_slicevae.py --res $RES --batch 128 --steps 20 \
+  --latent-volumes 20 --sample-volumes 4 --cache-volumes 2 --conv-impl small --out "$R"
 stage eval 150 $PY bench/bench_eval.py --res $RES --num-real 4 --pair-batch 4 --cost \
   --results "$R"
 echo "done $(date +%T)" | tee -a "$OUT/log.txt"
